@@ -1,0 +1,79 @@
+"""Raw Linux system calls that the os module lacks: mount, umount2, prctl, unshare.
+
+The only module that imports ctypes. Every wrapper raises
+OSError(errno, strerror, path) on failure. Run as root by the hooks, the
+runner and the shim; trusts its callers to pass validated paths.
+"""
+import ctypes
+import os
+from typing import Optional
+
+__all__ = [
+    "MS_RDONLY", "MS_NOSUID", "MS_NODEV", "MS_NOEXEC", "MS_REMOUNT", "MS_BIND",
+    "MS_REC", "MS_PRIVATE", "MS_SLAVE", "MS_SHARED", "MNT_DETACH", "UMOUNT_NOFOLLOW",
+    "CLONE_NEWNS", "PR_SET_NO_NEW_PRIVS", "PR_GET_NO_NEW_PRIVS",
+    "mount", "umount2", "prctl", "unshare",
+]
+
+# <sys/mount.h>
+MS_RDONLY = 0x1
+MS_NOSUID = 0x2
+MS_NODEV = 0x4
+MS_NOEXEC = 0x8
+MS_REMOUNT = 0x20
+MS_BIND = 0x1000
+MS_REC = 0x4000
+MS_PRIVATE = 0x40000
+MS_SLAVE = 0x80000
+MS_SHARED = 0x100000
+MNT_DETACH = 0x2
+UMOUNT_NOFOLLOW = 0x8
+# <sched.h>
+CLONE_NEWNS = 0x00020000
+# <linux/prctl.h>
+PR_SET_NO_NEW_PRIVS = 38
+PR_GET_NO_NEW_PRIVS = 39
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p,
+                        ctypes.c_ulong, ctypes.c_void_p]
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+_libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong,
+                        ctypes.c_ulong, ctypes.c_ulong]
+_libc.unshare.argtypes = [ctypes.c_int]
+
+
+def _fail(path: Optional[str]) -> OSError:
+    err = ctypes.get_errno()
+    return OSError(err, os.strerror(err), path)
+
+
+def _b(s: Optional[str]) -> Optional[bytes]:
+    return None if s is None else os.fsencode(s)
+
+
+def mount(source: Optional[str], target: str, fstype: Optional[str], flags: int,
+          data: Optional[str] = None) -> None:
+    """mount(2). ``target`` may be /proc/self/fd/N of an O_PATH descriptor."""
+    if _libc.mount(_b(source), _b(target), _b(fstype), flags, _b(data)) != 0:
+        raise _fail(target)
+
+
+def umount2(target: str, flags: int = 0) -> None:
+    """umount2(2): unmount the topmost mount at ``target``."""
+    if _libc.umount2(_b(target), flags) != 0:
+        raise _fail(target)
+
+
+def prctl(option: int, arg2: int = 0) -> int:
+    """prctl(2) with one argument, as PR_SET_NO_NEW_PRIVS needs."""
+    ret = int(_libc.prctl(option, arg2, 0, 0, 0))
+    if ret < 0:
+        raise _fail(None)
+    return ret
+
+
+def unshare(flags: int) -> None:
+    """unshare(2): used by the tests to enter a private mount namespace."""
+    if _libc.unshare(flags) != 0:
+        raise _fail(None)

@@ -1,0 +1,236 @@
+"""The admin CLI, ``pbs-chroot``: install the hooks, check the config, run a job locally.
+
+Run as root by a site admin. Trusts its arguments; refuses a config or an
+image that is not root-owned and protected. Exit codes: 0 success, 2 bad
+arguments or a refused request, 1 a site fault.
+"""
+import argparse
+import logging
+import os
+import signal
+import sys
+import time
+from typing import Optional, Sequence
+
+from . import config as config_mod
+from . import gate, lifecycle, log
+from .errors import ConfigError, PbsChrootError, UserError
+from .paths import resolve_admin_path
+from .state import ensure_layout
+
+__all__ = ["main", "render_hook", "install"]
+
+logger = logging.getLogger("pbs_chroot.admin")
+
+HOOKS = {"prologue": "prologue_main", "epilogue": "epilogue_main",
+         "prologue.parallel": "prologue_main", "epilogue.parallel": "epilogue_main"}
+_MARKER = "from pbs_chroot.hooks import"
+_TEMPLATE = '''#!{python} -I
+"""pbs_mom {kind} (also installed as {kind}.parallel): {what}.
+
+pbs_mom runs this as root {when} the job. `pbs-chroot install` copies it into
+mom_priv as root:root 0500, with the interpreter, CONFIG and PBSNODES below
+set for the site. All logic lives in pbs_chroot.hooks.
+"""
+import sys
+
+CONFIG = "{config}"
+PBSNODES = "{pbsnodes}"
+
+{marker} {func}  # noqa: E402
+
+sys.exit({func}(sys.argv, CONFIG, PBSNODES))
+'''
+MOM_CONFIG_ADVICE = """\
+# Add to {mom_priv}/config, then restart pbs_mom:
+#
+# The prologue asks the server for the job's variables (pbs_python or qstat)
+# and sets up the image: give it time, but less than Torque's default 300 s.
+$prologalarm 120
+#
+# Do NOT set `$job_starter_run_privileged true`: pbs_mom would then start
+# the job as root inside the image.
+"""
+
+
+def render_hook(name: str, python: str = "/usr/bin/python3",
+                config: str = config_mod.DEFAULT_PATH, pbsnodes: str = "/usr/bin/pbsnodes") -> str:
+    """The text of an installed entry script (prologue/prologue is this, with the defaults)."""
+    kind = name.split(".")[0]
+    what = "the pbs_chroot gate" if kind == "prologue" else "pbs_chroot teardown"
+    for value in (python, config, pbsnodes):
+        if not value.startswith("/") or not value.isprintable() or '"' in value or "\\" in value:
+            raise UserError(f"can't install: {value!r} must be an absolute, plain path")
+    return _TEMPLATE.format(python=python, kind=kind, what=what,
+                            when="before" if kind == "prologue" else "after", config=config,
+                            pbsnodes=pbsnodes, marker=_MARKER, func=HOOKS[name])
+
+
+def install(pbs_home: str, config: str, pbsnodes: str, python: str, force: bool) -> str:
+    """Write the four hooks into PBS_HOME/mom_priv; return the mom config advice."""
+    mom_priv = os.path.join(pbs_home, "mom_priv")
+    if not os.path.isdir(mom_priv):
+        raise UserError(f"can't install: {mom_priv} is not a directory (is {pbs_home} "
+                        "pbs_mom's PBS_HOME?)")
+    _check_importable(python)
+    for name in HOOKS:
+        path = os.path.join(mom_priv, name)
+        if os.path.lexists(path) and not force and _MARKER not in _read(path):
+            raise UserError(f"can't install: {path} exists and is not ours; "
+                            "move it away or use --force")
+    for name in HOOKS:
+        _write_root_file(os.path.join(mom_priv, name), render_hook(name, python, config, pbsnodes))
+    try:
+        ensure_layout(config_mod.load(config).state_dir)
+    except ConfigError as e:
+        logger.warning("hooks installed, but the config is not usable yet: %s", e.detail)
+    return MOM_CONFIG_ADVICE.format(mom_priv=mom_priv)
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read(4096)
+    except OSError:
+        return ""
+
+
+def _write_root_file(path: str, text: str) -> None:
+    # pbs_mom runs only a root-owned regular file that is not group/other
+    # writable: write it that way, then rename over the old one.
+    tmp = f"{path}.new.{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o500)
+    with os.fdopen(fd, "w") as f:
+        os.fchown(f.fileno(), 0, 0)
+        os.fchmod(f.fileno(), 0o500)
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _check_importable(python: str) -> None:
+    """The hooks run ``python -I``: our package must import there, from a root-only place."""
+    import subprocess
+    probe = "import pbs_chroot.hooks, os; print(os.path.dirname(pbs_chroot.hooks.__file__))"
+    res = subprocess.run([python, "-I", "-c", probe], capture_output=True, text=True,
+                         env={"PATH": "/bin:/usr/bin"}, timeout=60)
+    if res.returncode != 0:
+        raise UserError(f"can't install: {python} -I cannot import pbs_chroot "
+                        f"({res.stderr.strip().splitlines()[-1:]}); install the package "
+                        "into that interpreter first")
+    pkg = res.stdout.strip()
+    resolve_admin_path(pkg, sticky_ok=True)  # a module writable by others = root for them
+    for name in os.listdir(pkg):
+        st = os.lstat(os.path.join(pkg, name))
+        if st.st_uid != 0 or st.st_mode & 0o022:
+            raise UserError(f"can't install: {pkg}/{name} must be root-owned and not "
+                            "writable by group or others: the hooks import it as root")
+
+
+def run(cfg_path: str, image: str, user: Optional[str], cmd: Sequence[str]) -> int:
+    """Run ``cmd`` in ``image`` as ``user`` the way a job would run; return its status."""
+    from . import shim
+    cfg = config_mod.load(cfg_path)
+    log.use_socket(cfg.syslog_socket)
+    user = user or _default_user()
+    allowed = gate.check_value(image, cfg, user, "local")
+    version = resolve_admin_path(allowed.path)
+    job_id = f"run-{os.getpid()}-{int(time.time())}.{os.uname().nodename.split('.')[0]}"
+    ensure_layout(cfg.state_dir)
+    lifecycle.start_job(cfg, job_id, user, allowed.path, version)
+    try:
+        args = shim.ShimArgs(["--root", version, "--user", user, "--setenv",
+                              f"PBS_JOBID={job_id}", "--", *cmd])
+        pid = os.fork()
+        if pid == 0:
+            try:
+                shim.enter_and_exec(args)
+            except shim.ShimError as e:
+                shim._die(shim.SETUP_FAILED, str(e))
+            finally:
+                os._exit(shim.SETUP_FAILED)
+        status = _wait_forwarding(pid)
+    finally:
+        lifecycle.end_job(cfg, job_id)
+    print(f"pbs-chroot: job {job_id} in {image} as {user} exited with status {status}",
+          file=sys.stderr)
+    return status
+
+
+def _default_user() -> str:
+    sudo = os.environ.get("SUDO_USER", "")
+    return sudo if sudo and sudo != "root" else "nobody"
+
+
+def _wait_forwarding(pid: int) -> int:
+    """Wait for the job, passing SIGINT/SIGTERM/SIGHUP on to it."""
+    def forward(signum: int, _frame: object) -> None:
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        _, wstatus = os.waitpid(pid, 0)
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    code = os.waitstatus_to_exitcode(wstatus)
+    return code if code >= 0 else 128 - code
+
+
+def check(cfg_path: str) -> int:
+    """Validate the config and every image path; print one line per image."""
+    cfg = config_mod.load(cfg_path)
+    print(f"config {cfg.path}: OK ({len(cfg.images)} image(s), {len(cfg.binds)} bind(s))")
+    bad = 0
+    for img in cfg.images:
+        try:
+            print(f"image {img.path} -> {resolve_admin_path(img.path)}: OK")
+        except PbsChrootError as e:
+            bad += 1
+            print(f"image {img.path}: REFUSED: {e.detail}")
+    return 1 if bad else 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pbs-chroot", description=__doc__.split("\n")[0])
+    p.add_argument("--config", default=os.environ.get("PBS_CHROOT_CONFIG",
+                                                      config_mod.DEFAULT_PATH),
+                   help="config file (default: $PBS_CHROOT_CONFIG or %(default)s)")
+    sub = p.add_subparsers(dest="command", required=True)
+    i = sub.add_parser("install", help="install the hooks into PBS_HOME/mom_priv")
+    i.add_argument("--pbs-home", required=True)
+    i.add_argument("--pbsnodes", default="/usr/bin/pbsnodes",
+                   help="pbsnodes used to offline the node on a site fault")
+    i.add_argument("--python", default=sys.executable,
+                   help="interpreter the hooks run with (default: this one)")
+    i.add_argument("--force", action="store_true", help="replace foreign hook scripts")
+    r = sub.add_parser("run", help="run a command in an image as a job would run")
+    r.add_argument("--image", required=True, help="the allowlisted path, as users write it")
+    r.add_argument("--user", help="job user (default: $SUDO_USER, else nobody)")
+    r.add_argument("cmd", nargs="+", help="the command (after --)")
+    sub.add_parser("check", help="validate the config and the images")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Console entry point ``pbs-chroot``."""
+    args = _parser().parse_args(argv)
+    log.setup("pbs-chroot")
+    try:
+        if os.geteuid() != 0:
+            raise UserError("must be run as root")
+        if args.command == "install":
+            print(install(args.pbs_home, os.path.abspath(args.config), args.pbsnodes,
+                          args.python, args.force), end="")
+            return 0
+        if args.command == "run":
+            return run(args.config, args.image, args.user, args.cmd)
+        return check(args.config)
+    except UserError as e:
+        print(f"pbs-chroot: {e.detail}", file=sys.stderr)
+        return 2
+    except PbsChrootError as e:
+        logger.error("%s", e.detail)
+        print(f"pbs-chroot: {e.detail}", file=sys.stderr)
+        return 1

@@ -1,0 +1,205 @@
+"""The site's configuration: allowlisted images, the bind set, paths and policies.
+
+Read as root by the hooks, the runner and the admin CLI. The file is trusted
+only if root owns it and neither group nor others can write it (the rule
+pbs_mom applies to its own scripts); otherwise ConfigError. See
+examples/pbs_chroot.conf for an annotated example.
+"""
+import os
+import stat
+from dataclasses import dataclass
+from typing import Optional
+
+from .errors import ConfigError
+
+__all__ = ["DEFAULT_PATH", "BindSpec", "Image", "Config", "load", "parse", "parse_bind"]
+
+DEFAULT_PATH = "/etc/pbs_chroot/pbs_chroot.conf"
+MAIN = "pbs_chroot"
+IMAGE_PREFIX = "image "
+BIND_OPTIONS = frozenset({"ro", "rw", "rec", "dev", "exec", "noexec", "optional"})
+
+# target = source [options]; the order matters (/dev before /dev/pts).
+DEFAULT_BINDS = (
+    ("/proc", "proc"),
+    ("/sys", "/sys ro,noexec"),
+    ("/dev", "/dev dev,noexec"),
+    ("/dev/pts", "/dev/pts dev,noexec"),
+    ("/dev/shm", "/dev/shm noexec"),
+    ("/home", "/home rec"),
+    ("/etc/passwd", "/etc/passwd ro"),
+    ("/etc/group", "/etc/group ro"),
+    ("/etc/resolv.conf", "/etc/resolv.conf ro,optional"),
+    ("/etc/hosts", "/etc/hosts ro,optional"),
+)
+
+
+@dataclass(frozen=True)
+class BindSpec:
+    """One mount of the stage: ``source`` on the host (or "proc") at ``target`` in the image."""
+
+    target: str
+    source: str
+    readonly: bool = False
+    rec: bool = False
+    dev: bool = False
+    noexec: bool = False
+    optional: bool = False
+
+    def describe(self) -> str:
+        opts = [o for o, on in (("ro", self.readonly), ("rec", self.rec), ("dev", self.dev),
+                                ("noexec", self.noexec), ("optional", self.optional)) if on]
+        return f"{self.target} <- {self.source} [{','.join(opts) or 'rw'}]"
+
+
+@dataclass(frozen=True)
+class Image:
+    """An allowlisted image: the exact path users write, and who may use it."""
+
+    path: str
+    users: frozenset[str] = frozenset()
+    groups: frozenset[str] = frozenset()
+    queues: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration, validated."""
+
+    path: str
+    images: tuple[Image, ...]
+    binds: tuple[BindSpec, ...]
+    state_dir: str = "/var/lib/pbs_chroot"
+    pbs_home: str = "/var/spool/torque"
+    job_info: str = "auto"
+    qstat: str = "/usr/bin/qstat"
+    job_info_timeout: float = 30.0
+    lock_timeout: float = 60.0
+    offline_node: bool = True
+    node_name: str = ""
+    keep_stage: bool = False
+    syslog_socket: str = "/dev/log"
+
+    def image(self, path: str) -> Optional[Image]:
+        """The allowlisted image whose path equals ``path`` as text, or None."""
+        for img in self.images:
+            if img.path == path:
+                return img
+        return None
+
+
+def load(path: str = DEFAULT_PATH) -> Config:
+    """Read and validate the config file, refusing one that is not safe to trust."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        raise ConfigError(f"can't read config {path}: {e.strerror}") from e
+    with os.fdopen(fd, encoding="utf-8") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(f"config {path} is not a regular file")
+        if st.st_uid != 0 or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise ConfigError(f"refusing config {path}: it must be owned by root and not "
+                              f"writable by group or others (owner uid {st.st_uid}, "
+                              f"mode {stat.S_IMODE(st.st_mode):04o})")
+        try:
+            text = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"can't read config {path}: {e}") from e
+    return parse(text, path)
+
+
+def parse(text: str, path: str = "<string>") -> Config:
+    """Parse config text into a Config (no ownership checks: see load())."""
+    import configparser
+    cp = configparser.ConfigParser(interpolation=None, delimiters=("=",),
+                                   comment_prefixes=("#", ";"), inline_comment_prefixes=None)
+    cp.optionxform = str  # type: ignore[assignment,method-assign]  # paths are case-sensitive
+    try:
+        cp.read_string(text, source=path)
+    except configparser.Error as e:
+        raise ConfigError(f"config {path}: {e}") from e
+    main = cp[MAIN] if cp.has_section(MAIN) else {}
+    unknown = set(main) - set(_FIELDS)
+    if unknown:
+        raise ConfigError(f"config {path}: unknown setting(s) in [{MAIN}]: "
+                          f"{', '.join(sorted(unknown))}")
+    values = {k: _convert(path, k, v) for k, v in main.items()}
+    images = tuple(_image(path, s[len(IMAGE_PREFIX):].strip(), cp[s])
+                   for s in cp.sections() if s.startswith(IMAGE_PREFIX))
+    pairs = tuple(cp["binds"].items()) if cp.has_section("binds") else DEFAULT_BINDS
+    binds = tuple(parse_bind(t, v, path) for t, v in pairs)
+    other = [s for s in cp.sections() if s not in (MAIN, "binds") and not s.startswith(IMAGE_PREFIX)]
+    if other:
+        raise ConfigError(f"config {path}: unknown section(s): {', '.join(other)}")
+    return Config(path=path, images=images, binds=binds, **values)  # type: ignore[arg-type]
+
+
+_FIELDS = {
+    "state_dir": "abspath", "pbs_home": "abspath", "job_info": "source", "qstat": "abspath",
+    "job_info_timeout": "seconds", "lock_timeout": "seconds", "offline_node": "bool",
+    "node_name": "str", "keep_stage": "bool", "syslog_socket": "abspath",
+}
+
+
+def _convert(path: str, key: str, value: str) -> object:
+    kind = _FIELDS[key]
+    value = value.strip()
+    if kind == "abspath" and not (value.startswith("/") and "\n" not in value):
+        raise ConfigError(f"config {path}: {key} must be an absolute path, not {value!r}")
+    if kind == "source" and value not in ("auto", "pbs_python", "qstat"):
+        raise ConfigError(f"config {path}: job_info must be auto, pbs_python or qstat")
+    if kind == "seconds":
+        try:
+            seconds = float(value)
+        except ValueError:
+            seconds = -1.0
+        if not 0 < seconds <= 3600:
+            raise ConfigError(f"config {path}: {key} must be a number of seconds (0, 3600]")
+        return seconds
+    if kind == "bool":
+        if value.lower() not in ("yes", "no", "true", "false", "1", "0", "on", "off"):
+            raise ConfigError(f"config {path}: {key} must be yes or no, not {value!r}")
+        return value.lower() in ("yes", "true", "1", "on")
+    return value
+
+
+def _image(path: str, image_path: str, section: "object") -> Image:
+    if not _is_normal_abs(image_path):
+        raise ConfigError(f"config {path}: image path {image_path!r} must be absolute and "
+                          "normalised (no trailing slash, '.', '..' or '//')")
+    fields = dict(section.items())  # type: ignore[attr-defined]
+    unknown = set(fields) - {"users", "groups", "queues"}
+    if unknown:
+        raise ConfigError(f"config {path}: unknown setting(s) for image {image_path}: "
+                          f"{', '.join(sorted(unknown))}")
+
+    def names(key: str) -> frozenset[str]:
+        return frozenset(fields.get(key, "").replace(",", " ").split())
+    return Image(image_path, names("users"), names("groups"), names("queues"))
+
+
+def _is_normal_abs(p: str) -> bool:
+    # normpath keeps a leading '//', so refuse it explicitly.
+    return (p.startswith("/") and not p.startswith("//") and p != "/"
+            and p == os.path.normpath(p) and p.isprintable())
+
+
+def parse_bind(target: str, value: str, path: str = "<string>") -> BindSpec:
+    """Parse one ``TARGET = SOURCE [opt,opt]`` line of the [binds] section."""
+    words = value.split()
+    if not 1 <= len(words) <= 2:
+        raise ConfigError(f"config {path}: bind {target}: want 'SOURCE [options]'")
+    source = words[0]
+    opts = set(words[1].split(",")) if len(words) == 2 else set()
+    bad = opts - BIND_OPTIONS
+    if bad:
+        raise ConfigError(f"config {path}: bind {target}: unknown option(s) {sorted(bad)}")
+    if not _is_normal_abs(target):
+        raise ConfigError(f"config {path}: bind target {target!r} must be an absolute, "
+                          "normalised path below /")
+    if source != "proc" and not _is_normal_abs(source):
+        raise ConfigError(f"config {path}: bind source {source!r} must be 'proc' or an "
+                          "absolute, normalised path")
+    return BindSpec(target=target, source=source, readonly="ro" in opts, rec="rec" in opts,
+                    dev="dev" in opts, noexec="noexec" in opts, optional="optional" in opts)

@@ -1,0 +1,126 @@
+"""Torque's prologue and epilogue: argv in, exit code out.
+
+Run by pbs_mom as root, with umask 0077 (prologue) or 0022 (epilogue),
+stdin /dev/null, stdout/stderr on the job's output files, cwd mom_priv, and
+a nearly empty environment (no job variables: they come from the server).
+Exit codes of the prologue: 0 run the job, 1 abort it (the user's fault),
+2 requeue it (a site fault: the node is taken offline first, so the job
+does not bounce straight back here). The epilogue exits 2 only to flag a
+site fault; pbs_mom just logs it.
+"""
+import logging
+import os
+import subprocess
+import sys
+from typing import Callable, Optional, Sequence
+
+from . import config as config_mod
+from . import gate, jobinfo, lifecycle, log
+from .config import Config
+from .errors import PbsChrootError, SiteError, UserError
+from .paths import resolve_admin_path
+from .state import check_job_id, ensure_layout
+
+__all__ = ["prologue_main", "epilogue_main", "run_main", "offline_node"]
+
+logger = logging.getLogger("pbs_chroot.hooks")
+
+_PROLOGUE_ARGS = 7   # ID USER GROUP JOBNAME RESOURCE_LIST QUEUE ACCOUNT [SCRIPT]
+_EPILOGUE_ARGS = 10  # ID USER GROUP JOBNAME SESSION RESOURCE_LIST USED QUEUE ACCOUNT EXIT [SCRIPT]
+_OFFLINE_TIMEOUT = 10.0
+
+
+def prologue_main(argv: Sequence[str], config_path: str = config_mod.DEFAULT_PATH,
+                  pbsnodes: str = "/usr/bin/pbsnodes") -> int:
+    """Entry point of mom_priv/prologue and prologue.parallel."""
+    return run_main("prologue", argv, _prologue, config_path, pbsnodes)
+
+
+def epilogue_main(argv: Sequence[str], config_path: str = config_mod.DEFAULT_PATH,
+                  pbsnodes: str = "/usr/bin/pbsnodes") -> int:
+    """Entry point of mom_priv/epilogue and epilogue.parallel."""
+    return run_main("epilogue", argv, _epilogue, config_path, pbsnodes)
+
+
+def _prologue(cfg: Config, argv: Sequence[str]) -> None:
+    if len(argv) < _PROLOGUE_ARGS + 1:
+        raise SiteError(f"prologue called with {len(argv) - 1} arguments, pbs_mom passes "
+                        f"at least {_PROLOGUE_ARGS}")
+    job_id, user, queue = check_job_id(argv[1]), argv[2], argv[6]
+    variables = jobinfo.read_variables(job_id, source=cfg.job_info, qstat=cfg.qstat,
+                                       timeout=cfg.job_info_timeout)
+    image = gate.check_request(variables.entries, jobinfo.lossy_names(variables.raw), cfg,
+                               user, queue)
+    if image is None:
+        return
+    version = resolve_admin_path(image.path)
+    ensure_layout(cfg.state_dir)
+    lifecycle.start_job(cfg, job_id, user, image.path, version)
+    logger.info("job %s (user %s, queue %s) runs in image %s (version %s)",
+                job_id, user, queue, image.path, version)
+
+
+def _epilogue(cfg: Config, argv: Sequence[str]) -> None:
+    if len(argv) < _EPILOGUE_ARGS + 1:
+        raise SiteError(f"epilogue called with {len(argv) - 1} arguments, pbs_mom passes "
+                        f"at least {_EPILOGUE_ARGS}")
+    if lifecycle.end_job(cfg, check_job_id(argv[1])):
+        logger.info("job %s: image teardown done", argv[1])
+
+
+def run_main(hook: str, argv: Sequence[str], body: Callable[[Config, Sequence[str]], None],
+             config_path: str, pbsnodes: str) -> int:
+    """Run a hook body; turn its outcome into the exit code pbs_mom understands."""
+    log.setup(f"pbs-chroot-{hook}")
+    job_id = gate.show(argv[1]) if len(argv) > 1 else "?"
+    cfg: Optional[Config] = None
+    try:
+        cfg = config_mod.load(config_path)
+        log.use_socket(cfg.syslog_socket)
+        body(cfg, argv)
+        return 0
+    except UserError as e:
+        logger.warning("job %s refused: %s", job_id, e.detail)
+        _tell_user(job_id, e.user_msg)
+        return 1 if hook == "prologue" else 0
+    except PbsChrootError as e:
+        logger.error("job %s: %s failed: %s", job_id, hook, e.detail)
+        _tell_user(job_id, e.user_msg)
+    except Exception as e:  # a bug: still a site fault, never a silent pass
+        logger.exception("job %s: %s failed with an internal error: %r", job_id, hook, e)
+        _tell_user(job_id, SiteError("").user_msg)
+    offline_node(cfg, pbsnodes, f"{hook} of job {job_id} failed, see syslog")
+    return 2
+
+
+def _tell_user(job_id: str, msg: str) -> None:
+    try:
+        sys.stderr.write(f"pbs-chroot: job {job_id}: {msg}\n")
+        sys.stderr.flush()
+    except OSError:
+        pass
+
+
+def offline_node(cfg: Optional[Config], pbsnodes: str, reason: str) -> None:
+    """Take this node offline with a note, unless the config says not to. Never raises.
+
+    With no trusted config (it was refused), the policy is the safe default:
+    offline, through the pbsnodes path fixed at install time, never one read
+    from an untrusted file.
+    """
+    if cfg is not None and not cfg.offline_node:
+        return
+    node = (cfg.node_name if cfg is not None else "") or os.uname().nodename.split(".")[0]
+    cmd = [pbsnodes, "-o", "-N", f"pbs-chroot: {reason}"[:250], node]
+    try:
+        res = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, timeout=_OFFLINE_TIMEOUT,
+                             env={"PATH": "/bin:/usr/bin", "LC_ALL": "C"})
+    except (OSError, subprocess.TimeoutExpired) as e:
+        logger.error("can't take node %s offline with %s: %s", node, pbsnodes, e)
+        return
+    if res.returncode != 0:
+        logger.error("can't take node %s offline: %s exited %d: %s", node, pbsnodes,
+                     res.returncode, res.stderr.decode(errors="replace").strip()[:200])
+    else:
+        logger.warning("node %s taken offline: %s", node, reason)

@@ -1,0 +1,79 @@
+"""Logging for the entry points: syslog for the admin, one line on stderr for the user.
+
+Called only by entry points (hooks.py, admin.py). Setup never raises: when
+syslog cannot be reached, warnings and errors go to stderr prefixed with the
+ident, so they are not lost (on Torque, stderr is the job's error file: the
+admin reads it there); info lines are dropped.
+"""
+import logging
+import logging.handlers
+import socket
+import sys
+from typing import Optional
+
+__all__ = ["setup", "use_socket"]
+
+_FORMAT = "%(name)s[%(process)d]: %(message)s"
+
+
+class _SyslogOrStderr(logging.Handler):
+    """Send to a syslog socket; on failure, fall back to stderr."""
+
+    def __init__(self, ident: str, address: str) -> None:
+        super().__init__()
+        self.ident = ident
+        self.address = address
+        self.sock: Optional[socket.socket] = None
+
+    def _connect(self) -> Optional[socket.socket]:
+        if self.sock is None:
+            try:
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+                s.connect(self.address)
+                self.sock = s
+            except OSError:
+                s.close()
+                return None
+        return self.sock
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            msg = f"{self.ident}[{record.process}]: {record.getMessage()}"
+            if record.exc_info:
+                msg += " | " + logging.Formatter().formatException(record.exc_info).replace(
+                    "\n", " | ")
+            prio = logging.handlers.SysLogHandler.LOG_DAEMON << 3 | \
+                logging.handlers.SysLogHandler.priority_map.get(record.levelname, 6)  # type: ignore[operator]
+            sock = self._connect()
+            if sock is not None:
+                try:
+                    sock.send(f"<{prio}>{msg}".encode("utf-8", "backslashreplace"))
+                    return
+                except OSError:
+                    self.sock = None
+            if record.levelno >= logging.WARNING:
+                sys.stderr.write(f"{msg}\n")
+        except Exception:  # logging must never take a hook down
+            self.handleError(record)
+
+
+_handler: Optional[_SyslogOrStderr] = None
+
+
+def setup(ident: str, address: str = "/dev/log", level: int = logging.INFO) -> None:
+    """Install the syslog handler on the root logger (idempotent)."""
+    global _handler
+    root = logging.getLogger()
+    if _handler is not None:
+        root.removeHandler(_handler)
+    _handler = _SyslogOrStderr(ident, address)
+    root.addHandler(_handler)
+    root.setLevel(level)
+    logging.raiseExceptions = False
+
+
+def use_socket(address: str) -> None:
+    """Point syslog at another socket (the config's syslog_socket)."""
+    if _handler is not None and _handler.address != address:
+        _handler.address = address
+        _handler.sock = None

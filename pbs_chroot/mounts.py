@@ -1,0 +1,246 @@
+"""Build, apply and tear down the mounts of a stage (an image version made runnable).
+
+Run as root by the hooks and the runner, always under the stage lock
+(stage.py). Trusts the config's bind set and an image version that
+paths.resolve_admin_path() has checked; mount points inside the image are
+opened and created without following symlinks. Teardown trusts only
+/proc/self/mountinfo, never memory.
+"""
+import logging
+import os
+import stat
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+from . import _sys
+from .config import BindSpec
+from .errors import MountError, UnsafePathError
+from .paths import open_in_root
+
+__all__ = ["MountInfo", "MountStep", "read_mountinfo", "mounts_below", "plan", "apply",
+           "teardown", "verify"]
+
+log = logging.getLogger(__name__)
+
+_UMOUNT_TRIES = 5
+_UMOUNT_PAUSE = 0.05
+
+
+@dataclass(frozen=True)
+class MountInfo:
+    """One line of /proc/self/mountinfo (proc(5))."""
+
+    mount_id: int
+    parent_id: int
+    mount_point: str
+    options: frozenset[str]
+    fstype: str
+
+
+@dataclass(frozen=True)
+class MountStep:
+    """One planned mount: ``spec`` applied at ``target`` (a host path inside the stage)."""
+
+    spec: BindSpec
+    target: str
+    is_file: bool
+
+    def describe(self) -> str:
+        return f"{self.target}: {self.spec.describe()}"
+
+
+def _unescape(field: str) -> str:
+    # mountinfo escapes space, tab, newline and backslash as \ooo octal.
+    if "\\" not in field:
+        return field
+    out, i = bytearray(), 0
+    raw = os.fsencode(field)
+    while i < len(raw):
+        if raw[i:i + 1] == b"\\" and raw[i + 1:i + 4].isdigit():
+            out.append(int(raw[i + 1:i + 4], 8))
+            i += 4
+        else:
+            out.append(raw[i])
+            i += 1
+    return os.fsdecode(bytes(out))
+
+
+def read_mountinfo(path: str = "/proc/self/mountinfo") -> list[MountInfo]:
+    """Parse mountinfo once, in mount order."""
+    with open(path, "rb") as f:
+        data = os.fsdecode(f.read())
+    result = []
+    for line in data.splitlines():
+        fields = line.split(" ")
+        sep = fields.index("-")
+        result.append(MountInfo(int(fields[0]), int(fields[1]), _unescape(fields[4]),
+                                frozenset(fields[5].split(",")), fields[sep + 1]))
+    return result
+
+
+def mounts_below(root: str, table: Sequence[MountInfo],
+                 keep: frozenset[int] = frozenset()) -> list[MountInfo]:
+    """Mounts at ``root`` or below it, in mount order, except the ids in ``keep``."""
+    prefix = root.rstrip("/") + "/"
+    return [m for m in table if m.mount_id not in keep
+            and (m.mount_point == root or m.mount_point.startswith(prefix))]
+
+
+def plan(version: str, binds: Sequence[BindSpec]) -> list[MountStep]:
+    """The mounts that make ``version`` a stage; checks sources, does no mounting."""
+    steps = []
+    for spec in binds:
+        is_file = False
+        if spec.source != "proc":
+            try:
+                st = os.stat(spec.source)
+            except OSError as e:
+                if spec.optional:
+                    continue
+                raise MountError(f"bind source {spec.source} for {spec.target}: "
+                                 f"{e.strerror}") from e
+            if not (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)):
+                raise MountError(f"bind source {spec.source} is neither a file nor a directory")
+            is_file = stat.S_ISREG(st.st_mode)
+        steps.append(MountStep(spec, version + spec.target, is_file))
+    return steps
+
+
+def apply(version: str, steps: Sequence[MountStep], keep: frozenset[int] = frozenset()) -> None:
+    """Mount the stage: all of it, or (on error) none of it.
+
+    ``keep``: ids of mounts that were at or below ``version`` before (the
+    admin's, e.g. the file system the image lives on): never unmounted.
+    """
+    with ExitStack() as undo:
+        _self_bind(version)
+        undo.callback(_best_effort_teardown, version, keep)
+        root_fd = os.open(version, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        undo.callback(os.close, root_fd)
+        for step in steps:
+            _mount_step(root_fd, version, step)
+        _remount(version, _sys.MS_RDONLY | _sys.MS_NOSUID | _sys.MS_NODEV)
+        verify(version, steps, keep)
+        undo.pop_all()
+    os.close(root_fd)
+
+
+def _self_bind(version: str) -> None:
+    fd = os.open(version, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        _call(_sys.mount, version, f"/proc/self/fd/{fd}", f"/proc/self/fd/{fd}", None,
+              _sys.MS_BIND)
+    finally:
+        os.close(fd)
+    # On a systemd host / is shared: cut propagation from the stage back to
+    # the host before anything is mounted below it (mount_namespaces(7)).
+    _call(_sys.mount, version, None, version, None, _sys.MS_SLAVE | _sys.MS_REC)
+
+
+def _mount_step(root_fd: int, version: str, step: MountStep) -> None:
+    spec = step.spec
+    try:
+        tfd = open_in_root(root_fd, spec.target, "file" if step.is_file else "dir")
+    except UnsafePathError as e:
+        raise MountError(f"stage {version}: {e.detail}") from e
+    except OSError as e:
+        raise MountError(f"stage {version}: can't make mount point {spec.target}: "
+                         f"{e.strerror}") from e
+    try:
+        where = f"/proc/self/fd/{tfd}"
+        if spec.source == "proc":
+            _call(_sys.mount, step.target, "proc", where, "proc",
+                  _sys.MS_NOSUID | _sys.MS_NODEV | _sys.MS_NOEXEC)
+        else:
+            _call(_sys.mount, step.target, spec.source, where, None,
+                  _sys.MS_BIND | (_sys.MS_REC if spec.rec else 0))
+    finally:
+        os.close(tfd)
+    if spec.source == "proc":
+        return
+    # A bind of a shared mount joins its peer group: receive from the host,
+    # never send back.
+    _call(_sys.mount, step.target, None, step.target, None, _sys.MS_SLAVE | _sys.MS_REC)
+    flags = _sys.MS_NOSUID | (0 if spec.dev else _sys.MS_NODEV) \
+        | (_sys.MS_RDONLY if spec.readonly else 0) | (_sys.MS_NOEXEC if spec.noexec else 0)
+    _remount(step.target, flags)
+
+
+def _remount(target: str, flags: int) -> None:
+    # Re-open: an fd taken before the bind still names the covered directory.
+    fd = os.open(target, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        _call(_sys.mount, target, None, f"/proc/self/fd/{fd}", None,
+              _sys.MS_REMOUNT | _sys.MS_BIND | flags)
+    finally:
+        os.close(fd)
+
+
+def _call(fn: "object", what: str, *args: object) -> None:
+    try:
+        fn(*args)  # type: ignore[operator]
+    except OSError as e:
+        raise MountError(f"mount at {what} failed: {e.strerror} (errno {e.errno})") from e
+
+
+def verify(version: str, steps: Sequence[MountStep], keep: frozenset[int] = frozenset(),
+           table: Optional[Sequence[MountInfo]] = None) -> None:
+    """Check mountinfo: the stage root is read-only and every step is mounted as planned."""
+    # Later mounts on the same point win: the dict keeps the topmost one.
+    mounted = {m.mount_point: m for m in mounts_below(version, table or read_mountinfo(), keep)}
+    root = mounted.get(version)
+    if root is None or "ro" not in root.options or "nosuid" not in root.options:
+        raise MountError(f"stage {version}: root is not mounted read-only, nosuid")
+    for step in steps:
+        m = mounted.get(step.target)
+        if m is None:
+            raise MountError(f"stage {version}: {step.target} is not mounted")
+        want = {"nosuid"} | ({"ro"} if step.spec.readonly else set()) \
+            | (set() if step.spec.dev else {"nodev"})
+        if not want <= m.options:
+            raise MountError(f"stage {version}: {step.target} has options "
+                             f"{','.join(sorted(m.options))}, want {','.join(sorted(want))}")
+
+
+def teardown(version: str, keep: frozenset[int] = frozenset()) -> int:
+    """Unmount everything at or below ``version`` but ``keep``, deepest first; return how many.
+
+    Retries a busy unmount; MNT_DETACH only as a logged last resort.
+    """
+    count = 0
+    for attempt in range(_UMOUNT_TRIES + 1):
+        left = mounts_below(version, read_mountinfo(), keep)
+        if not left:
+            return count
+        # Children before parents; of two mounts on one point, the later first.
+        left.sort(key=lambda m: (m.mount_point.count("/"), m.mount_id), reverse=True)
+        for m in left:
+            count += _umount(m.mount_point, detach=attempt == _UMOUNT_TRIES)
+        if attempt < _UMOUNT_TRIES and mounts_below(version, read_mountinfo(), keep):
+            time.sleep(_UMOUNT_PAUSE)
+    left = mounts_below(version, read_mountinfo(), keep)
+    if left:
+        raise MountError(f"stage {version}: still mounted after teardown: "
+                         f"{', '.join(m.mount_point for m in left)}")
+    return count
+
+
+def _umount(target: str, detach: bool) -> int:
+    try:
+        _sys.umount2(target, _sys.UMOUNT_NOFOLLOW | (_sys.MNT_DETACH if detach else 0))
+    except OSError as e:
+        log.warning("umount %s failed: %s%s", target, e.strerror,
+                    " (even lazily)" if detach else "; will retry")
+        return 0
+    if detach:
+        log.warning("umount %s: busy, detached lazily (MNT_DETACH)", target)
+    return 1
+
+
+def _best_effort_teardown(version: str, keep: frozenset[int]) -> None:
+    try:
+        teardown(version, keep)
+    except MountError as e:
+        log.error("undo of a failed stage setup left mounts: %s", e.detail)

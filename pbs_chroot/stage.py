@@ -1,0 +1,157 @@
+"""Shared stages: jobs of one image version on a node share one set of mounts.
+
+Run as root by the hooks and the runner. Membership is the set of job ids on
+disk (STATE_DIR/stages/KEY/members/JOBID), changed only under the node lock:
+the first job in sets the stage up, the last one out tears it down. A crash
+cannot skew a set the way it skews a counter, and a half-built stage is
+recognised (its info.json never reached "ready") and rebuilt or removed.
+"""
+import hashlib
+import logging
+import os
+import stat
+from typing import Any, Optional
+
+from . import mounts
+from .config import BindSpec, Config
+from .errors import StateError
+from .state import check_job_id, node_lock, read_json, write_json
+
+__all__ = ["stage_dir", "bind_set", "join", "leave", "members"]
+
+log = logging.getLogger(__name__)
+
+
+def stage_dir(cfg: Config, version: str) -> str:
+    """The state directory of the stage of ``version``."""
+    digest = hashlib.sha256(os.fsencode(version)).hexdigest()[:16]
+    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in os.path.basename(version))
+    return os.path.join(cfg.state_dir, "stages", f"{name[:40]}-{digest}")
+
+
+def bind_set(cfg: Config) -> tuple[BindSpec, ...]:
+    """The config's binds plus Torque's job directory, read-only (the job script is there)."""
+    jobs = os.path.join(cfg.pbs_home, "mom_priv", "jobs")
+    return cfg.binds + (BindSpec(target=jobs, source=jobs, readonly=True, noexec=True,
+                                 optional=True),)
+
+
+def members(sdir: str) -> list[str]:
+    """Job ids in a stage."""
+    try:
+        return sorted(os.listdir(os.path.join(sdir, "members")))
+    except FileNotFoundError:
+        return []
+
+
+def join(cfg: Config, job_id: str, version: str) -> None:
+    """Add ``job_id`` to the stage of ``version``, setting the stage up if needed."""
+    check_job_id(job_id)
+    sdir = stage_dir(cfg, version)
+    with node_lock(cfg.state_dir, cfg.lock_timeout):
+        steps = mounts.plan(version, bind_set(cfg))
+        info = read_json(os.path.join(sdir, "info.json"))
+        if not _is_intact(info, version, steps):
+            _build(cfg, sdir, version, steps, info)
+        _touch(os.path.join(sdir, "members", job_id))
+    log.info("job %s joined stage %s", job_id, version)
+
+
+def leave(cfg: Config, job_id: str, version: str) -> bool:
+    """Remove ``job_id`` from the stage; tear it down if it was the last. True if torn down."""
+    check_job_id(job_id)
+    sdir = stage_dir(cfg, version)
+    with node_lock(cfg.state_dir, cfg.lock_timeout):
+        try:
+            os.unlink(os.path.join(sdir, "members", job_id))
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise StateError(f"can't remove member {job_id} of {sdir}: {e.strerror}") from e
+        left = members(sdir)
+        if left or (cfg.keep_stage and _is_ready(read_json(os.path.join(sdir, "info.json")))):
+            log.info("job %s left stage %s (%d job(s) remain)", job_id, version, len(left))
+            return False
+        _destroy(sdir, version)
+    log.info("job %s left stage %s, the last one: torn down", job_id, version)
+    return True
+
+
+def _is_ready(info: Optional[Any]) -> bool:
+    return isinstance(info, dict) and info.get("state") == "ready"
+
+
+def _keep(info: Optional[Any]) -> frozenset[int]:
+    return frozenset(info.get("pre", ())) if isinstance(info, dict) else frozenset()
+
+
+def _is_intact(info: Optional[Any], version: str, steps: list[mounts.MountStep]) -> bool:
+    if not _is_ready(info):
+        return False
+    try:
+        mounts.verify(version, steps, _keep(info))
+    except mounts.MountError as e:
+        log.warning("stage %s is damaged (%s): rebuilding it", version, e.detail)
+        return False
+    return True
+
+
+def _build(cfg: Config, sdir: str, version: str, steps: list[mounts.MountStep],
+           info: Optional[Any]) -> None:
+    if info is not None:
+        mounts.teardown(version, _keep(info))  # a half-built or damaged stage
+    keep = frozenset(m.mount_id for m in mounts.mounts_below(version, mounts.read_mountinfo()))
+    for sub in ("", "members"):
+        try:
+            os.mkdir(os.path.join(sdir, sub), 0o700)
+        except FileExistsError:
+            pass
+    info = {"version": version, "state": "setting-up", "pre": sorted(keep)}
+    write_json(os.path.join(sdir, "info.json"), info)  # before the first mount
+    _report_setuid(cfg, version)
+    log.info("setting up stage %s: %s", version, "; ".join(s.describe() for s in steps))
+    mounts.apply(version, steps, keep)
+    info["state"] = "ready"
+    write_json(os.path.join(sdir, "info.json"), info)
+
+
+def _destroy(sdir: str, version: str) -> None:
+    info = read_json(os.path.join(sdir, "info.json"))
+    n = mounts.teardown(version, _keep(info))
+    for path in (os.path.join(sdir, "info.json"), os.path.join(sdir, "members"), sdir):
+        try:
+            (os.rmdir if os.path.isdir(path) else os.unlink)(path)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise StateError(f"can't remove stage state {path}: {e.strerror}") from e
+    log.info("stage %s torn down (%d mounts)", version, n)
+
+
+def _touch(path: str) -> None:
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
+    except OSError as e:
+        raise StateError(f"can't add member {path}: {e.strerror}") from e
+
+
+def _report_setuid(cfg: Config, version: str) -> None:
+    """Log setuid/setgid files of a version once (they are harmless: the stage is nosuid)."""
+    st = os.stat(version)
+    mark = os.path.join(cfg.state_dir, "audit",
+                        f"{st.st_dev}-{st.st_ino}-{st.st_ctime_ns}")
+    if os.path.exists(mark):
+        return
+    found = []
+    for top, dirs, files in os.walk(version):
+        for name in files:
+            try:
+                mode = os.lstat(os.path.join(top, name)).st_mode
+            except OSError:
+                continue
+            if stat.S_ISREG(mode) and mode & (stat.S_ISUID | stat.S_ISGID):
+                found.append(os.path.join(top, name)[len(version):])
+    if found:
+        log.warning("image %s has %d setuid/setgid file(s), neutralised by nosuid: %s",
+                    version, len(found), ", ".join(found[:20]))
+    _touch(mark)

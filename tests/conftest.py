@@ -1,0 +1,173 @@
+"""Test set-up shared by unit and integration tests.
+
+As root, the whole pytest process first enters a private mount namespace
+(so a failing test cannot leave a mount on the host) and then makes / shared
+again, as systemd does on a real node, so that the stage's propagation
+handling is tested against the hard case. Inside that namespace it mounts:
+
+- a tmpfs (mode 0755) over /tmp: images must live on a path that is root-owned
+  and not group/other-writable all the way up, which /tmp (1777) is not;
+- a tmpfs over /home, for the test users' home directories;
+- copies of /etc/passwd and /etc/group with two test users added.
+
+All of it vanishes with the process; nothing on the host is touched.
+"""
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = REPO.parent / "shared" / "fixtures" / "torque-6.1"
+IS_ROOT = os.geteuid() == 0
+
+# Test users (uids chosen far from any distribution's range).
+USER, UID, GID = "pbsct", 64123, 64123
+OTHER, OTHER_UID = "pbsct2", 64125
+EXTRA_GROUP, EXTRA_GID = "pbsctx", 64124
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if IS_ROOT and not os.environ.get("PBS_CHROOT_TEST_NS"):
+        _enter_test_namespace()
+
+
+def _enter_test_namespace() -> None:
+    from pbs_chroot import _sys
+    _sys.unshare(_sys.CLONE_NEWNS)
+    _sys.mount(None, "/", None, _sys.MS_REC | _sys.MS_PRIVATE)
+    _sys.mount(None, "/", None, _sys.MS_REC | _sys.MS_SHARED)  # like systemd
+    os.environ["PBS_CHROOT_TEST_NS"] = str(os.getpid())
+    _sys.mount("tmpfs", "/tmp", "tmpfs", _sys.MS_NOSUID | _sys.MS_NODEV, "mode=0755")
+    _sys.mount("tmpfs", "/home", "tmpfs", _sys.MS_NOSUID | _sys.MS_NODEV, "mode=0755")
+    etc = Path("/tmp/pbs_chroot-test-etc")
+    etc.mkdir(mode=0o755)
+    passwd = Path("/etc/passwd").read_text()
+    group = Path("/etc/group").read_text()
+    (etc / "passwd").write_text(
+        passwd + f"{USER}:x:{UID}:{GID}:pbs_chroot test:/home/{USER}:/bin/sh\n"
+        f"{OTHER}:x:{OTHER_UID}:{OTHER_UID}:pbs_chroot test 2:/home/{OTHER}:/bin/sh\n")
+    (etc / "group").write_text(
+        group + f"{USER}:x:{GID}:\n{EXTRA_GROUP}:x:{EXTRA_GID}:{USER}\n"
+        f"{OTHER}:x:{OTHER_UID}:\n")
+    for name in ("passwd", "group"):
+        os.chmod(etc / name, 0o644)
+        _sys.mount(str(etc / name), f"/etc/{name}", None, _sys.MS_BIND)
+    for user, uid, gid in ((USER, UID, GID), (OTHER, OTHER_UID, OTHER_UID)):
+        home = Path("/home") / user
+        home.mkdir(mode=0o700)
+        os.chown(home, uid, gid)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
+    skip = pytest.mark.skip(reason="needs root: real mounts, chroot and privilege drop")
+    for item in items:
+        if "root" in item.keywords and not IS_ROOT:
+            item.add_marker(skip)
+
+
+def mount_points() -> list[str]:
+    """This process's mount points, in order: the leak check compares these."""
+    with open("/proc/self/mountinfo") as f:
+        return [line.split()[4] for line in f]
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_mounts(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Every root test must leave mountinfo exactly as it found it."""
+    if "root" not in request.keywords:
+        yield
+        return
+    before = mount_points()
+    yield
+    after = mount_points()
+    assert after == before, f"mounts leaked: {sorted(set(after) - set(before))}"
+
+
+@pytest.fixture(scope="session")
+def image_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory holding one real BusyBox image version, built once per session."""
+    if not IS_ROOT:
+        pytest.skip("needs root to build an image")
+    if not os.path.exists("/bin/busybox"):
+        pytest.fail("/bin/busybox missing: scripts/setup installs busybox-static")
+    base = tmp_path_factory.mktemp("images")
+    os.chmod(base, 0o755)
+    subprocess.run([str(REPO / "examples" / "build-busybox-image"), str(base / "v1")],
+                   check=True, stdout=subprocess.DEVNULL)
+    return base / "v1"
+
+
+class Syslog:
+    """A unix datagram socket standing in for /dev/log."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.setblocking(False)
+        self.seen: list[str] = []
+
+    def lines(self) -> list[str]:
+        while True:
+            try:
+                self.seen.append(self.sock.recv(65536).decode("utf-8", "replace"))
+            except BlockingIOError:
+                return self.seen
+
+
+@pytest.fixture
+def syslog(tmp_path: Path) -> Iterator[Syslog]:
+    s = Syslog(tmp_path / "log.sock")
+    yield s
+    s.sock.close()
+
+
+@pytest.fixture
+def site(tmp_path: Path, image_root: Path) -> "Site":
+    """A node's site set-up: an image copy with a stable symlink, config, state dir."""
+    return Site(tmp_path, image_root)
+
+
+class Site:
+    """Image versions, the allowlisted symlink and a config file under one tmp dir."""
+
+    def __init__(self, base: Path, image_src: Path) -> None:
+        os.chmod(base, 0o755)
+        self.base = base
+        self.versions = base / "images" / "sl5"
+        self.versions.mkdir(parents=True, mode=0o755)
+        os.chmod(base / "images", 0o755)
+        self.version = self.versions / "v1"
+        shutil.copytree(image_src, self.version, symlinks=True)
+        (base / "chroot").mkdir(mode=0o755)
+        self.image = base / "chroot" / "sl5"       # what users write in PBS_O_ROOTDIR
+        self.image.symlink_to(self.version)
+        self.state = base / "state"
+        self.pbs_home = base / "torque"
+        self.config = base / "pbs_chroot.conf"
+
+    def write_config(self, extra: str = "", images: str = "", main: str = "") -> Path:
+        text = (f"[pbs_chroot]\nstate_dir = {self.state}\npbs_home = {self.pbs_home}\n"
+                f"syslog_socket = {self.base / 'log.sock'}\n{main}\n"
+                f"[image {self.image}]\n{images}\n{extra}")
+        self.config.write_text(text)
+        os.chmod(self.config, 0o644)
+        return self.config
+
+    def state_files(self) -> list[str]:
+        """Everything in the state directory, relative to it."""
+        if not self.state.exists():
+            return []
+        return sorted(str(p.relative_to(self.state)) for p in self.state.rglob("*"))
+
+
+def pbs_chroot_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run the admin CLI of the interpreter under test."""
+    return subprocess.run([sys.executable, "-m", "pbs_chroot", *args], capture_output=True,
+                          text=True, check=check, timeout=120)
