@@ -19,7 +19,8 @@ from .config import BindSpec
 from .errors import MountError, UnsafePathError
 from .paths import open_in_root
 
-__all__ = ["MountInfo", "MountStep", "read_mountinfo", "mounts_below", "plan", "apply",
+__all__ = ["MountInfo", "MountStep", "read_mountinfo", "mounts_below", "check_base", "plan",
+           "apply",
            "teardown", "verify"]
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ class MountInfo:
     mount_point: str
     options: frozenset[str]
     fstype: str
+    shared: Optional[int] = None  # peer group, from the optional field shared:N
 
 
 @dataclass(frozen=True)
@@ -75,8 +77,10 @@ def read_mountinfo(path: str = "/proc/self/mountinfo") -> list[MountInfo]:
     for line in data.splitlines():
         fields = line.split(" ")
         sep = fields.index("-")
+        peer = [int(f[7:]) for f in fields[6:sep] if f.startswith("shared:")]
         result.append(MountInfo(int(fields[0]), int(fields[1]), _unescape(fields[4]),
-                                frozenset(fields[5].split(",")), fields[sep + 1]))
+                                frozenset(fields[5].split(",")), fields[sep + 1],
+                                peer[0] if peer else None))
     return result
 
 
@@ -86,6 +90,24 @@ def mounts_below(root: str, table: Sequence[MountInfo],
     prefix = root.rstrip("/") + "/"
     return [m for m in table if m.mount_id not in keep
             and (m.mount_point == root or m.mount_point.startswith(prefix))]
+
+
+def check_base(version: str, table: Sequence[MountInfo]) -> None:
+    """Refuse a version that is a bind mount in its parent's own peer group.
+
+    Binding such a mount onto itself propagates a copy to the parent, tucked
+    under it, and unmounting the stage would then take the admin's mount with
+    it (mount_namespaces(7), "tucked" mounts). A version on its own file
+    system, or a private or slave bind, is fine.
+    """
+    ids = {m.mount_id: m for m in table}
+    at = [m for m in table if m.mount_point == version]
+    if at and at[-1].shared is not None:
+        parent = ids.get(at[-1].parent_id)
+        if parent is not None and parent.shared == at[-1].shared:
+            raise MountError(f"image version {version} is a bind mount in the same peer group "
+                             f"(shared:{parent.shared}) as {parent.mount_point}; make it a slave "
+                             f"(mount --make-slave {version}) or unmount it")
 
 
 def plan(version: str, binds: Sequence[BindSpec]) -> list[MountStep]:

@@ -100,7 +100,9 @@ def _build(cfg: Config, sdir: str, version: str, steps: list[mounts.MountStep],
            info: Optional[Any]) -> None:
     if info is not None:
         mounts.teardown(version, _keep(info))  # a half-built or damaged stage
-    keep = frozenset(m.mount_id for m in mounts.mounts_below(version, mounts.read_mountinfo()))
+    table = mounts.read_mountinfo()
+    mounts.check_base(version, table)
+    keep = frozenset(m.mount_id for m in mounts.mounts_below(version, table))
     for sub in ("", "members"):
         try:
             os.mkdir(os.path.join(sdir, sub), 0o700)
@@ -117,7 +119,9 @@ def _build(cfg: Config, sdir: str, version: str, steps: list[mounts.MountStep],
 
 def _destroy(sdir: str, version: str) -> None:
     info = read_json(os.path.join(sdir, "info.json"))
-    n = mounts.teardown(version, _keep(info))
+    # info.json is written before the first mount: without it we mounted
+    # nothing here, and whatever is mounted there is not ours to remove.
+    n = mounts.teardown(version, _keep(info)) if info is not None else 0
     for path in (os.path.join(sdir, "info.json"), os.path.join(sdir, "members"), sdir):
         try:
             (os.rmdir if os.path.isdir(path) else os.unlink)(path)

@@ -1,0 +1,102 @@
+"""`pbs-chroot run` and the exec shim, on real mounts, chroot and privilege drop."""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import EXTRA_GID, GID, UID, USER, Site, mount_points, pbs_chroot_cli
+
+pytestmark = [pytest.mark.root,
+              pytest.mark.skipif(os.geteuid() != 0, reason="needs root: chroot, setuid")]
+
+
+def run(site: Site, *cmd: str, user: str = USER, image: str = "") -> subprocess.CompletedProcess:
+    return pbs_chroot_cli("--config", str(site.config), "run", "--image",
+                          image or str(site.image), "--user", user, "--", *cmd, check=False)
+
+
+def test_job_runs_in_the_image_as_the_user(site: Site) -> None:
+    site.write_config()
+    before = mount_points()
+    res = run(site, "/bin/sh", "-c",
+              "cat /etc/os-release; id; pwd; grep -E '^(Uid|Gid|Groups|NoNewPrivs|CapEff)' "
+              "/proc/self/status; test -c /dev/null && echo devnull-ok; echo $PBS_JOBID")
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    assert "pbs_chroot demo image" in out  # the image's os-release, not the host's
+    assert f"uid={UID}({USER}) gid={GID}({USER})" in out and f"{EXTRA_GID}(pbsctx)" in out
+    assert f"/home/{USER}\n" in out and "devnull-ok" in out
+    assert f"Uid:\t{UID}\t{UID}\t{UID}\t{UID}" in out and f"Gid:\t{GID}\t{GID}\t{GID}\t{GID}" in out
+    assert "NoNewPrivs:\t1" in out and "CapEff:\t0000000000000000" in out
+    assert out.rstrip().splitlines()[-1].startswith("run-")
+    assert "exited with status 0" in res.stderr
+    assert mount_points() == before
+    assert site.state_files() == ["audit", "audit/" + os.listdir(site.state / "audit")[0],
+                                  "jobs", "lock", "stages"]
+
+
+def test_exit_status_and_environment_are_clean(site: Site) -> None:
+    site.write_config()
+    env = dict(os.environ, LD_PRELOAD="/evil.so", SECRET="x")
+    res = subprocess.run([sys.executable, "-m", "pbs_chroot", "--config", str(site.config), "run",
+                          "--image", str(site.image), "--user", USER, "--", "/bin/sh", "-c",
+                          "env; exit 7"], capture_output=True, text=True, env=env, timeout=60)
+    assert res.returncode == 7
+    names = {line.split("=")[0] for line in res.stdout.splitlines()}
+    assert names <= {"HOME", "USER", "LOGNAME", "PATH", "SHELL", "PBS_JOBID", "PWD", "SHLVL"}
+
+
+def test_setuid_root_binary_in_the_image_gives_no_root(site: Site) -> None:
+    site.write_config()
+    (site.version / "suid").mkdir()
+    suid = site.version / "suid" / "busybox"
+    shutil.copy(site.version / "bin" / "busybox", suid)
+    os.chmod(suid, 0o4755)
+    assert os.stat(suid).st_mode & 0o4000 and os.stat(suid).st_uid == 0
+    res = run(site, "/suid/busybox", "grep", "^Uid", "/proc/self/status")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["Uid:"] + [str(UID)] * 4
+
+
+def test_refused_image_and_user(site: Site) -> None:
+    site.write_config()
+    res = run(site, "/bin/true", image=str(site.image) + "/")
+    assert res.returncode == 2 and "not an image of this site" in res.stderr
+    res = run(site, "/bin/true", user="root")
+    assert res.returncode == 125 and "refusing to run a job as root" in res.stderr
+    assert not any(str(site.version) in m for m in mount_points())
+
+
+@pytest.mark.parametrize("cmd, code, words", [
+    (["/no/such/program"], 127, "can't run: /no/such/program"),
+    (["/etc/os-release"], 126, "can't run: /etc/os-release"),
+])
+def test_shim_exit_codes(site: Site, cmd: list, code: int, words: str) -> None:
+    site.write_config()
+    res = run(site, *cmd)
+    assert res.returncode == code and words in res.stderr
+
+
+def test_shim_alone_refuses_bad_use(tmp_path: Path) -> None:
+    shim = [sys.executable, "-I", "-m", "pbs_chroot.shim"]
+    res = subprocess.run(shim + ["--root", "/"], capture_output=True, text=True)
+    assert res.returncode == 125 and "required" in res.stderr
+    res = subprocess.run(shim + ["--root", str(tmp_path / "none"), "--user", USER, "--", "true"],
+                         capture_output=True, text=True)
+    assert res.returncode == 125 and "can't chroot" in res.stderr
+    # Started by a non-root user, it does nothing.
+    res = subprocess.run(["setpriv", f"--reuid={UID}", f"--regid={GID}", "--clear-groups"]
+                         + shim + ["--root", "/", "--user", USER, "--", "true"],
+                         capture_output=True, text=True)
+    assert res.returncode == 125 and "must be started by root" in res.stderr
+
+
+def test_image_writable_by_others_is_refused(site: Site) -> None:
+    site.write_config()
+    os.chmod(site.version, 0o757)
+    res = run(site, "/bin/true")
+    assert res.returncode == 1 and "writable by group or others" in res.stderr
+    assert not any(str(site.version) in m for m in mount_points())

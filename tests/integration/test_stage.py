@@ -1,0 +1,158 @@
+"""The shared stage on real mounts, on a / made shared as systemd does."""
+import os
+import signal
+import subprocess
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from pbs_chroot import _sys, config, mounts, stage
+from pbs_chroot.errors import MountError
+from pbs_chroot.state import ensure_layout
+from tests.conftest import Site
+
+pytestmark = [pytest.mark.root,
+              pytest.mark.skipif(os.geteuid() != 0, reason="needs root: real mounts")]
+
+STAGE_TARGETS = ["", "/proc", "/sys", "/dev", "/dev/pts", "/dev/shm", "/home", "/etc/passwd",
+                 "/etc/group", "/etc/resolv.conf", "/etc/hosts"]
+
+
+def load(site: Site) -> config.Config:
+    site.write_config()
+    cfg = config.load(str(site.config))
+    ensure_layout(cfg.state_dir)
+    return cfg
+
+
+def below(path: Path, pid: str = "self") -> list[str]:
+    return [m.mount_point for m in
+            mounts.mounts_below(str(path), mounts.read_mountinfo(f"/proc/{pid}/mountinfo"))]
+
+
+@pytest.fixture
+def peer() -> Iterator[str]:
+    """Another mount namespace, a peer of ours (like a systemd service's)."""
+    p = subprocess.Popen(["unshare", "--mount", "--propagation", "unchanged", "sleep", "60"])
+    try:
+        yield str(p.pid)
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+
+
+def test_stage_mounts_and_teardown(site: Site, peer: str) -> None:
+    cfg = load(site)
+    v = site.version
+    peer_before = Path(f"/proc/{peer}/mountinfo").read_text().count("\n")
+    stage.join(cfg, "1.vm", str(v))
+    mounted = below(v)
+    for t in STAGE_TARGETS:
+        assert str(v) + t in mounted, t
+    info = {m.mount_point: m for m in mounts.read_mountinfo()}
+    assert {"ro", "nosuid", "nodev"} <= info[str(v)].options
+    assert {"ro", "nosuid", "nodev"} <= info[f"{v}/sys"].options
+    assert "nodev" not in info[f"{v}/dev"].options and "nosuid" in info[f"{v}/dev"].options
+    assert {"ro"} <= info[f"{v}/etc/passwd"].options
+    assert "ro" not in info[f"{v}/home"].options
+    # The stage root reaches a peer namespace (it is mounted on the shared /),
+    # but nothing mounted inside the stage propagates back out.
+    assert below(v, peer) in ([], [str(v)])
+    # The job directory of Torque is part of the bind set when it exists.
+    assert (v / "proc" / "self" / "stat").exists() and (v / "dev" / "null").exists()
+    assert stage.leave(cfg, "1.vm", str(v)) is True
+    assert below(v) == [] and below(v, peer) == []
+    assert Path(f"/proc/{peer}/mountinfo").read_text().count("\n") == peer_before
+    assert os.listdir(site.state / "stages") == []
+
+
+def test_members_share_one_stage(site: Site) -> None:
+    cfg = load(site)
+    v = str(site.version)
+    stage.join(cfg, "1.vm", v)
+    first = below(site.version)
+    stage.join(cfg, "2.vm", v)
+    assert below(site.version) == first  # no second set of mounts
+    assert stage.members(stage.stage_dir(cfg, v)) == ["1.vm", "2.vm"]
+    assert stage.leave(cfg, "1.vm", v) is False
+    assert below(site.version) == first
+    assert stage.leave(cfg, "1.vm", v) is False  # leaving twice changes nothing
+    assert stage.leave(cfg, "2.vm", v) is True
+    assert below(site.version) == []
+
+
+def test_damaged_stage_is_rebuilt(site: Site) -> None:
+    cfg = load(site)
+    v = str(site.version)
+    stage.join(cfg, "1.vm", v)
+    _sys.umount2(v + "/proc")
+    stage.join(cfg, "2.vm", v)
+    assert v + "/proc" in below(site.version)
+    stage.leave(cfg, "1.vm", v)
+    stage.leave(cfg, "2.vm", v)
+    assert below(site.version) == []
+
+
+def test_symlinked_mount_point_in_image_is_refused(site: Site) -> None:
+    cfg = load(site)
+    (site.version / "home").rmdir()
+    (site.version / "home").symlink_to("/etc")
+    with pytest.raises(MountError, match="symlink"):
+        stage.join(cfg, "1.vm", str(site.version))
+    assert below(site.version) == []
+    assert stage.leave(cfg, "1.vm", str(site.version)) is True  # cleans the half-made state
+    assert os.listdir(site.state / "stages") == []
+
+
+def test_missing_mount_points_are_created_root_owned(site: Site) -> None:
+    cfg = load(site)
+    (site.version / "proc").rmdir()
+    os.umask(0o077)  # as in the prologue
+    try:
+        stage.join(cfg, "1.vm", str(site.version))
+    finally:
+        os.umask(0o022)
+    st = os.stat(site.version / "proc")
+    stage.leave(cfg, "1.vm", str(site.version))
+    assert st.st_uid == 0
+    st = os.stat(site.version / "proc")
+    assert st.st_mode & 0o777 == 0o755
+
+
+def test_admin_mount_under_the_version_survives(site: Site) -> None:
+    """An image on its own file system: teardown never unmounts the admin's mount."""
+    cfg = load(site)
+    v = str(site.version)
+    _sys.mount("tmpfs", v, "tmpfs", 0, "mode=0755")  # the admin's file system for the version
+    try:
+        for d in ("proc", "sys", "dev", "home", "etc"):
+            os.mkdir(f"{v}/{d}")
+        stage.join(cfg, "1.vm", v)
+        assert len(below(site.version)) == 1 + len(STAGE_TARGETS)
+        stage.leave(cfg, "1.vm", v)
+        assert below(site.version) == [v]
+    finally:
+        _sys.umount2(v)
+
+
+def test_bind_in_parents_peer_group_is_refused(site: Site) -> None:
+    cfg = load(site)
+    v = str(site.version)
+    _sys.mount(v, v, None, _sys.MS_BIND)  # joins the peer group of the shared /tmp
+    try:
+        with pytest.raises(MountError, match="make-slave"):
+            stage.join(cfg, "1.vm", v)
+        stage.leave(cfg, "1.vm", v)
+        assert below(site.version) == [v]
+    finally:
+        _sys.umount2(v)
+
+
+def test_unknown_bind_source_is_a_site_fault(site: Site) -> None:
+    site.write_config(extra="[binds]\n/proc = proc\n/data = /nonexistent-pbs-chroot-src\n")
+    cfg = config.load(str(site.config))
+    ensure_layout(cfg.state_dir)
+    with pytest.raises(MountError, match="nonexistent"):
+        stage.join(cfg, "1.vm", str(site.version))
+    assert below(site.version) == []
