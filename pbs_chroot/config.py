@@ -129,7 +129,8 @@ def parse(text: str, path: str = "<string>") -> Config:
                    for s in cp.sections() if s.startswith(IMAGE_PREFIX))
     pairs = tuple(cp["binds"].items()) if cp.has_section("binds") else DEFAULT_BINDS
     binds = tuple(parse_bind(t, v, path) for t, v in pairs)
-    other = [s for s in cp.sections() if s not in (MAIN, "binds") and not s.startswith(IMAGE_PREFIX)]
+    other = [s for s in cp.sections()
+             if s not in (MAIN, "binds") and not s.startswith(IMAGE_PREFIX)]
     if other:
         raise ConfigError(f"config {path}: unknown section(s): {', '.join(other)}")
     return Config(path=path, images=images, binds=binds, **values)  # type: ignore[arg-type]

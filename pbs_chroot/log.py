@@ -6,14 +6,15 @@ ident, so they are not lost (on Torque, stderr is the job's error file: the
 admin reads it there); info lines are dropped.
 """
 import logging
-import logging.handlers
 import socket
 import sys
 from typing import Optional
 
 __all__ = ["setup", "use_socket"]
 
-_FORMAT = "%(name)s[%(process)d]: %(message)s"
+_DAEMON = 3  # syslog(3) LOG_DAEMON
+_SEVERITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
+             logging.CRITICAL: 2}
 
 
 class _SyslogOrStderr(logging.Handler):
@@ -42,8 +43,7 @@ class _SyslogOrStderr(logging.Handler):
             if record.exc_info:
                 msg += " | " + logging.Formatter().formatException(record.exc_info).replace(
                     "\n", " | ")
-            prio = logging.handlers.SysLogHandler.LOG_DAEMON << 3 | \
-                logging.handlers.SysLogHandler.priority_map.get(record.levelname, 6)  # type: ignore[operator]
+            prio = _DAEMON << 3 | _SEVERITY.get(record.levelno, 6)
             sock = self._connect()
             if sock is not None:
                 try:
