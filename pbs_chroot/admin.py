@@ -111,8 +111,11 @@ def _check_importable(python: str) -> None:
     """The hooks run ``python -I``: our package must import there, from a root-only place."""
     import subprocess
     probe = "import pbs_chroot.hooks, os; print(os.path.dirname(pbs_chroot.hooks.__file__))"
-    res = subprocess.run([python, "-I", "-c", probe], capture_output=True, text=True,
-                         env={"PATH": "/bin:/usr/bin"}, timeout=60)
+    try:
+        res = subprocess.run([python, "-I", "-c", probe], capture_output=True, text=True,
+                             env={"PATH": "/bin:/usr/bin"}, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise UserError(f"can't install: can't run {python}: {e}") from e
     if res.returncode != 0:
         raise UserError(f"can't install: {python} -I cannot import pbs_chroot "
                         f"({res.stderr.strip().splitlines()[-1:]}); install the package "

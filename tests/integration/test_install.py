@@ -1,0 +1,67 @@
+"""`pbs-chroot install`: hooks written as pbs_mom demands, foreign scripts respected."""
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Site, pbs_chroot_cli
+
+pytestmark = [pytest.mark.root,
+              pytest.mark.skipif(os.geteuid() != 0, reason="needs root: chown")]
+
+HOOKS = ["prologue", "epilogue", "prologue.parallel", "epilogue.parallel"]
+
+
+def install(site: Site, *extra: str) -> subprocess.CompletedProcess:
+    return pbs_chroot_cli("--config", str(site.config), "install", "--pbs-home",
+                          str(site.pbs_home), "--pbsnodes", "/opt/fake/pbsnodes", *extra,
+                          check=False)
+
+
+def test_install_writes_root_only_hooks_that_run(site: Site) -> None:
+    site.write_config()
+    (site.pbs_home / "mom_priv").mkdir(parents=True)
+    res = install(site)
+    assert res.returncode == 0, res.stderr
+    assert "$prologalarm" in res.stdout and "job_starter_run_privileged" in res.stdout
+    for name in HOOKS:
+        st = os.lstat(site.pbs_home / "mom_priv" / name)
+        assert stat.S_ISREG(st.st_mode) and st.st_uid == 0 and st.st_gid == 0
+        assert stat.S_IMODE(st.st_mode) == 0o500
+    text = (site.pbs_home / "mom_priv" / "prologue").read_text()
+    assert text.startswith(f"#!{sys.executable} -I\n")
+    assert f'CONFIG = "{site.config}"' in text and 'PBSNODES = "/opt/fake/pbsnodes"' in text
+    assert (site.state / "jobs").is_dir() and stat.S_IMODE(os.stat(site.state).st_mode) == 0o700
+    # The installed epilogue runs with an empty environment, as pbs_mom starts it.
+    res = subprocess.run([str(site.pbs_home / "mom_priv" / "epilogue"), "1.vm", "u", "g", "n",
+                          "1", "", "", "batch", "", "0"], env={}, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+
+
+def test_install_refuses_foreign_hooks_without_force(site: Site) -> None:
+    site.write_config()
+    mom_priv = site.pbs_home / "mom_priv"
+    mom_priv.mkdir(parents=True)
+    (mom_priv / "epilogue").write_text("#!/bin/sh\nexit 0\n")
+    res = install(site)
+    assert res.returncode == 2 and "exists and is not ours" in res.stderr
+    assert not (mom_priv / "prologue").exists()  # all or nothing
+    assert install(site, "--force").returncode == 0
+    assert "pbs_chroot.hooks" in (mom_priv / "epilogue").read_text()
+    assert install(site).returncode == 0  # our own hooks are upgraded in place
+
+
+def test_install_needs_mom_priv_and_an_importable_package(site: Site, tmp_path: Path) -> None:
+    site.write_config()
+    res = install(site)
+    assert res.returncode == 2 and "is not a directory" in res.stderr
+    (site.pbs_home / "mom_priv").mkdir(parents=True)
+    res = install(site, "--python", str(tmp_path / "nope"))
+    assert res.returncode == 2 and "can't run" in res.stderr
+    if sys.prefix != sys.base_prefix:  # under a venv, the system python lacks the package
+        res = install(site, "--python", "/usr/bin/python3")
+        assert res.returncode == 2 and "cannot import pbs_chroot" in res.stderr
+    assert not (site.pbs_home / "mom_priv" / "prologue").exists()
