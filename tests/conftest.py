@@ -13,7 +13,6 @@ handling is tested against the hard case. Inside that namespace it mounts:
 All of it vanishes with the process; nothing on the host is touched.
 """
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -43,7 +42,8 @@ def _enter_test_namespace() -> None:
     _sys.mount(None, "/", None, _sys.MS_REC | _sys.MS_PRIVATE)
     _sys.mount(None, "/", None, _sys.MS_REC | _sys.MS_SHARED)  # like systemd
     os.environ["PBS_CHROOT_TEST_NS"] = str(os.getpid())
-    _sys.mount("tmpfs", "/tmp", "tmpfs", _sys.MS_NOSUID | _sys.MS_NODEV, "mode=0755")
+    # suid and dev allowed: the stage's own nosuid/nodev are what the tests test.
+    _sys.mount("tmpfs", "/tmp", "tmpfs", 0, "mode=0755")
     _sys.mount("tmpfs", "/home", "tmpfs", _sys.MS_NOSUID | _sys.MS_NODEV, "mode=0755")
     etc = Path("/tmp/pbs_chroot-test-etc")
     etc.mkdir(mode=0o755)
@@ -144,7 +144,8 @@ class Site:
         self.versions.mkdir(parents=True, mode=0o755)
         os.chmod(base / "images", 0o755)
         self.version = self.versions / "v1"
-        shutil.copytree(image_src, self.version, symlinks=True)
+        # cp -a, not copytree: images hold device nodes (debootstrap's /dev/console).
+        subprocess.run(["cp", "-a", str(image_src), str(self.version)], check=True)
         (base / "chroot").mkdir(mode=0o755)
         self.image = base / "chroot" / "sl5"       # what users write in PBS_O_ROOTDIR
         self.image.symlink_to(self.version)
