@@ -7,6 +7,7 @@ so every such variable is checked, and all of them must name the same
 allowlisted image, compared as text. No user-supplied path is ever resolved.
 """
 import grp
+import os
 import pwd
 from typing import Iterable, Optional
 
@@ -31,7 +32,16 @@ def check_request(entries: Iterable[tuple[str, str]], lossy: Iterable[str], cfg:
 
     ``entries`` are the job's (name, value) variables; ``lossy`` the names seen
     when Variable_List is split on every comma, as pbs_mom's own job file is.
+    Every refusal names what the job may use instead.
     """
+    try:
+        return _check_request(list(entries), list(lossy), cfg, user, queue)
+    except UserError as e:
+        raise UserError(f"{e.user_msg}; allowed: {_allowed(cfg, user, queue)}") from None
+
+
+def _check_request(entries: list[tuple[str, str]], lossy: list[str], cfg: Config, user: str,
+                   queue: str) -> Optional[Image]:
     found = [(n, v) for n, v in entries if n.startswith(ROOTDIR)]
     hidden = [n for n in lossy if n.startswith(ROOTDIR)]
     if len(hidden) != len(found):
@@ -50,18 +60,24 @@ def check_request(entries: Iterable[tuple[str, str]], lossy: Iterable[str], cfg:
         shown = ", ".join(sorted(show(v) for v in values))
         raise UserError(f"can't use image: {ROOTDIR} is given {len(found)} times with "
                         f"different values ({shown}); give it once")
-    return check_value(found[0][1], cfg, user, queue)
+    return _check_value(found[0][1], cfg, user, queue)
 
 
 def check_value(value: str, cfg: Config, user: str, queue: str) -> Image:
     """The allowlisted Image equal to ``value`` as text and usable by this user and queue."""
+    try:
+        return _check_value(value, cfg, user, queue)
+    except UserError as e:
+        raise UserError(f"{e.user_msg}; allowed: {_allowed(cfg, user, queue)}") from None
+
+
+def _check_value(value: str, cfg: Config, user: str, queue: str) -> Image:
     problem = _shape_problem(value)
     if problem:
         raise UserError(f"can't use image {ROOTDIR}={show(value)}: {problem}")
     image = cfg.image(value)
     if image is None:
-        raise UserError(f"can't use image {ROOTDIR}={show(value)}: not an image of this site; "
-                        f"allowed: {_allowed(cfg, user, queue)}")
+        raise UserError(f"can't use image {ROOTDIR}={show(value)}: not an image of this site")
     reason = may_use(image, user, queue)
     if reason:
         raise UserError(f"can't use image {value}: {reason}")
@@ -98,7 +114,6 @@ def _group_names(user: str) -> set[str]:
         pw = pwd.getpwnam(user)
     except KeyError:
         raise SiteError(f"job owner {user!r} is not known on this node") from None
-    import os
     names = set()
     for gid in os.getgrouplist(user, pw.pw_gid):
         try:

@@ -85,10 +85,12 @@ def run_main(hook: str, argv: Sequence[str], body: Callable[[Config, Sequence[st
         return 1 if hook == "prologue" else 0
     except PbsChrootError as e:
         logger.error("job %s: %s failed: %s", job_id, hook, e.detail)
-        _tell_user(job_id, e.user_msg)
+        user_msg = e.user_msg
     except Exception as e:  # a bug: still a site fault, never a silent pass
         logger.exception("job %s: %s failed with an internal error: %r", job_id, hook, e)
-        _tell_user(job_id, SiteError("").user_msg)
+        user_msg = SiteError("").user_msg
+    if hook == "prologue":  # after the job, a site fault is the admin's business only
+        _tell_user(job_id, user_msg)
     offline_node(cfg, pbsnodes, f"{hook} of job {job_id} failed, see syslog")
     return 2
 

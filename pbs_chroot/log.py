@@ -1,9 +1,10 @@
 """Logging for the entry points: syslog for the admin, one line on stderr for the user.
 
-Called only by entry points (hooks.py, admin.py). Setup never raises: when
-syslog cannot be reached, warnings and errors go to stderr prefixed with the
-ident, so they are not lost (on Torque, stderr is the job's error file: the
-admin reads it there); info lines are dropped.
+Called only by entry points (hooks.py, admin.py). Setup never raises, and
+sending never blocks: when syslog cannot be reached or its queue is full,
+warnings and errors go to stderr prefixed with the ident, so they are not
+lost (on Torque, stderr is the job's error file: the admin reads it there);
+info lines are dropped.
 """
 import logging
 import socket
@@ -47,8 +48,13 @@ class _SyslogOrStderr(logging.Handler):
             sock = self._connect()
             if sock is not None:
                 try:
-                    sock.send(f"<{prio}>{msg}".encode("utf-8", "backslashreplace"))
+                    # Never block: a stuck syslog daemon must not hang a hook
+                    # (pbs_mom would kill it at $prologalarm and requeue).
+                    sock.send(f"<{prio}>{msg}".encode("utf-8", "backslashreplace"),
+                              socket.MSG_DONTWAIT)
                     return
+                except BlockingIOError:
+                    pass
                 except OSError:
                     self.sock = None
             if record.levelno >= logging.WARNING:

@@ -30,10 +30,12 @@ def stage_dir(cfg: Config, version: str) -> str:
 
 
 def bind_set(cfg: Config) -> tuple[BindSpec, ...]:
-    """The config's binds plus Torque's job directory, read-only (the job script is there)."""
+    """The config's binds plus Torque's job directory, read-only (the job script is there).
+
+    Not noexec: the job's shell reads the script's path on stdin and executes it.
+    """
     jobs = os.path.join(cfg.pbs_home, "mom_priv", "jobs")
-    return cfg.binds + (BindSpec(target=jobs, source=jobs, readonly=True, noexec=True,
-                                 optional=True),)
+    return cfg.binds + (BindSpec(target=jobs, source=jobs, readonly=True, optional=True),)
 
 
 def members(sdir: str) -> list[str]:

@@ -29,6 +29,7 @@ def test_allowed_request() -> None:
 
 @pytest.mark.parametrize("raw, words", [
     ("PBS_O_ROOTDIR=/tmp/x", "not an image of this site; allowed: /chroot/sl5"),
+    ("PBS_O_ROOTDIR=sl5", "not an absolute path; allowed: /chroot/sl5"),
     ("PBS_O_ROOTDIR=/chroot/sl5/", "not an image of this site"),
     ("PBS_O_ROOTDIR=/chroot/sl5/..", "'..' is not allowed"),
     ("PBS_O_ROOTDIR=/chroot/sl5/../sl5", "'..' is not allowed"),

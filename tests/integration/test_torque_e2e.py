@@ -1,0 +1,219 @@
+"""End to end on Torque: the installed hooks, run by the pbs_mom emulator, on real mounts."""
+import os
+import random
+import time
+from pathlib import Path
+from typing import Iterator, Optional
+
+import pytest
+
+from pbs_chroot.lifecycle import FAULT_POINTS
+from tests import fakes
+from tests.conftest import USER, Site, Syslog, mount_points, pbs_chroot_cli
+from tests.momemu import EmuJob, EmuResult, MomEmulator
+
+pytestmark = [pytest.mark.root,
+              pytest.mark.skipif(os.geteuid() != 0, reason="needs root: real mounts")]
+
+PROBE = """#!/bin/sh
+head -n 1 /etc/os-release
+test -r /proc/self/stat && echo proc-ok
+test -c /dev/null && echo devnull-ok
+cd && pwd && touch "$HOME/by-$PBS_JOBID" && echo home-ok
+test -r "$0" && echo "script-ok $0"
+echo "user=$(id -un) uid=$(id -u)"
+"""
+
+
+class Node:
+    """One emulated mom with our hooks installed and a site config."""
+
+    def __init__(self, site: Site, syslog: Syslog, hook_env: Optional[dict] = None) -> None:
+        self.site, self.syslog = site, syslog
+        self.emu = MomEmulator(site.pbs_home, prologue_alarm=60, hook_env=hook_env)
+        site.write_config(main=f"qstat = {self.emu.qstat_path}\njob_info = qstat\n")
+        res = pbs_chroot_cli("--config", str(site.config), "install", "--pbs-home",
+                             str(site.pbs_home), "--pbsnodes", str(self.emu.pbsnodes_path))
+        assert res.returncode == 0, res.stderr
+        self.seq = 100
+
+    def job(self, variables: list, script: str = PROBE) -> EmuJob:
+        self.seq += 1
+        return EmuJob(f"{self.seq}.vm", USER, script, variables)
+
+    def rootdir(self, value: Optional[str] = None) -> list:
+        return [("PBS_O_ROOTDIR", str(self.site.image) if value is None else value)]
+
+    def offline_calls(self) -> list:
+        return fakes.read_pbsnodes_calls(self.emu.pbsnodes_log)
+
+    def assert_clean(self) -> None:
+        assert not any(str(self.site.version) in m for m in mount_points())
+        assert os.listdir(self.site.state / "jobs") == []
+        assert os.listdir(self.site.state / "stages") == []
+
+
+@pytest.fixture
+def node(site: Site, syslog: Syslog) -> Iterator[Node]:
+    n = Node(site, syslog)
+    yield n
+    n.emu.cleanup()
+
+
+def ran_in_image(res: EmuResult, job: EmuJob) -> None:
+    assert res.action == "ran" and res.prologue_rc == 0, res.stderr
+    assert res.job_rc == 0, res.stdout + res.stderr
+    out = res.stdout
+    assert 'PRETTY_NAME="pbs_chroot demo image' in out  # the image's, not the host's
+    for word in ("proc-ok", "devnull-ok", f"/home/{USER}\nhome-ok", "script-ok",
+                 f"user={USER}"):
+        assert word in out, out
+    assert (Path("/home") / USER / f"by-{job.job_id}").exists()
+    assert res.epilogue_rc == 0
+
+
+def test_v_job_and_D_job_run_in_the_image(node: Node) -> None:
+    before = mount_points()
+    v_job = node.job(node.rootdir() + [("MYVAR", "a,b=")])
+    ran_in_image(node.emu.run(v_job), v_job)
+    d_job = node.job(node.rootdir())  # qsub -D puts exactly this entry in Variable_List
+    res = node.emu.run(d_job)
+    ran_in_image(res, d_job)
+    assert f"script-ok {node.site.pbs_home}/mom_priv/jobs/{d_job.job_id}.SC" in res.stdout
+    assert mount_points() == before
+    node.assert_clean()
+    assert node.offline_calls() == []
+    assert any(f"job {d_job.job_id}" in line and "runs in image" in line
+               for line in node.syslog.lines())
+
+
+def test_job_without_image_is_untouched(node: Node) -> None:
+    before = mount_points()
+    job = node.job([("MYVAR", "x")], "#!/bin/sh\nhead -n 1 /etc/os-release\n")
+    res = node.emu.run(job)
+    assert res.action == "ran" and res.job_rc == 0
+    assert "pbs_chroot demo image" not in res.stdout and "PRETTY_NAME" in res.stdout
+    assert res.stderr == "" and mount_points() == before
+    assert os.listdir(node.site.state / "jobs") == []
+
+
+@pytest.mark.parametrize("variables, shown", [
+    ([("PBS_O_ROOTDIR", "/tmp/x")], "PBS_O_ROOTDIR=/tmp/x"),
+    ([("PBS_O_ROOTDIR", "{P}/")], "PBS_O_ROOTDIR={P}/"),
+    ([("PBS_O_ROOTDIR", "{P}/..")], "PBS_O_ROOTDIR={P}/.."),
+    ([("PBS_O_ROOTDIR", "{P}/../sl5")], "PBS_O_ROOTDIR={P}/../sl5"),
+    ([("PBS_O_ROOTDIR", "sl5")], "PBS_O_ROOTDIR=sl5"),
+    ([("PBS_O_ROOTDIRX", "/tmp/x")], "PBS_O_ROOTDIRX"),
+    ([("PBS_O_ROOTDIR", "{P}"), ("PBS_O_ROOTDIR", "/tmp/x")], "different values"),
+    ([("PBS_O_ROOTDIR", "{P}\n")], "PBS_O_ROOTDIR={P}\\n"),
+    ([("FOO", "x,PBS_O_ROOTDIR=/tmp/x")], "inside the value of another variable"),
+])
+def test_refused_requests_abort_the_job(node: Node, variables: list, shown: str) -> None:
+    p = str(node.site.image)
+    variables = [(n, v.replace("{P}", p)) for n, v in variables]
+    shown = shown.replace("{P}", p)
+    before = mount_points()
+    job = node.job(variables)
+    res = node.emu.run(job)
+    assert res.prologue_rc == 1 and res.action == "aborted" and res.job_rc is None
+    lines = [line for line in res.stderr.splitlines() if line.startswith("pbs-chroot:")]
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith(f"pbs-chroot: job {job.job_id}: can't use image") \
+        and shown in lines[0], lines[0]
+    assert lines[0].endswith(f"; allowed: {p}")
+    assert mount_points() == before
+    assert any(f"job {job.job_id} refused" in line for line in node.syslog.lines())
+    assert node.offline_calls() == []
+    node.assert_clean()
+
+
+def test_ten_jobs_share_the_stage_and_end_in_random_order(node: Node) -> None:
+    warm = node.job(node.rootdir())  # a first job creates the state directory's files
+    assert node.emu.run(warm).job_rc == 0
+    before, state_before = mount_points(), node.site.state_files()
+    home = Path("/home") / USER
+    script = """#!/bin/sh
+touch "$HOME/started.$PBS_JOBID"
+bad=0
+until [ -e "$HOME/end.$PBS_JOBID" ]; do
+  for m in / /proc /sys /dev /dev/pts /dev/shm /home /etc/passwd; do
+    grep -q " $m " /proc/self/mountinfo || { echo "lost $m"; bad=1; }
+  done
+  test -c /dev/null && test -r "$0" && test -d "$HOME" || { echo "lost a path"; bad=1; }
+  sleep 0.05
+done
+exit $bad
+"""
+    jobs = [node.job(node.rootdir(), script) for _ in range(10)]
+    running = [node.emu.start(j) for j in jobs]
+    deadline = time.monotonic() + 60
+    while not all((home / f"started.{j.job_id}").exists() for j in jobs):
+        assert time.monotonic() < deadline, "jobs did not all start"
+        for r in running:
+            r.poll()
+        time.sleep(0.05)
+    order = list(range(10))
+    random.shuffle(order)
+    results: dict = {}
+    for i in order:
+        (home / f"end.{jobs[i].job_id}").touch()
+        results[i] = running[i].wait(60)  # its epilogue ran; the others still check their mounts
+        time.sleep(random.uniform(0, 0.1))
+    for i, res in results.items():
+        assert res.action == "ran" and res.job_rc == 0, (i, res.stdout, res.stderr)
+        assert res.epilogue_rc == 0
+    assert mount_points() == before
+    assert node.site.state_files() == state_before
+
+
+@pytest.mark.parametrize("point", FAULT_POINTS)
+def test_prologue_killed_then_epilogue_leaves_nothing(site: Site, syslog: Syslog,
+                                                      point: str) -> None:
+    """SIGKILL at each fault point; Torque then runs the job anyway, and the epilogue."""
+    n = Node(site, syslog, hook_env={"PBS_CHROOT_TEST_KILL_AT": point})
+    try:
+        before = mount_points()
+        job = n.job(n.rootdir())
+        res = n.emu.run(job)
+        assert res.prologue_rc == -9  # it really died there
+        # pbs_mom reads only WEXITSTATUS: a killed prologue counts as success.
+        assert res.action == "ran" and res.epilogue_rc == 0, res.stderr
+        if point != "recorded":  # the stage was up: the job really ran in it
+            assert "proc-ok" in res.stdout
+        assert mount_points() == before
+        n.assert_clean()
+    finally:
+        n.emu.cleanup()
+
+
+def _site_fault(node: Node, job: EmuJob, detail: str) -> None:
+    before = mount_points()
+    res = node.emu.run(job)
+    assert res.prologue_rc == 2 and res.action == "requeued" and res.job_rc is None
+    lines = [line for line in res.stderr.splitlines() if line.startswith("pbs-chroot:")]
+    assert len(lines) == 1 and lines[0].startswith(f"pbs-chroot: job {job.job_id}: "
+                                                   "can't start the job: ")
+    calls = node.offline_calls()
+    assert calls and calls[0][:3] == ["-o", "-N", f"pbs-chroot: prologue of job {job.job_id} "
+                                      "failed, see syslog"]
+    assert calls[0][3] == os.uname().nodename.split(".")[0]
+    assert mount_points() == before
+    assert any(detail in line for line in node.syslog.lines()) or detail in res.stderr
+
+
+def test_config_writable_by_others_is_a_site_fault(node: Node) -> None:
+    os.chmod(node.site.config, 0o646)
+    _site_fault(node, node.job(node.rootdir()), "refusing config")
+
+
+def test_image_writable_by_others_is_a_site_fault(node: Node) -> None:
+    os.chmod(node.site.version, 0o757)
+    _site_fault(node, node.job(node.rootdir()), "writable by group or others")
+    node.assert_clean()
+
+
+def test_qstat_failure_fails_closed(node: Node) -> None:
+    job = node.job(node.rootdir())
+    fakes.set_qstat_fault(node.emu.qstat_jobs_dir, job.job_id, exit_code=1)
+    _site_fault(node, job, "qstat")
+    node.assert_clean()
