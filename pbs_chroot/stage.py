@@ -115,6 +115,8 @@ def _build(cfg: Config, sdir: str, version: str, steps: list[mounts.MountStep],
     _report_setuid(cfg, version)
     log.info("setting up stage %s: %s", version, "; ".join(s.describe() for s in steps))
     mounts.apply(version, steps, keep)
+    # Marked after the mounts: making mount points changes the version's ctime.
+    _touch(_audit_mark(cfg, version))
     info["state"] = "ready"
     write_json(os.path.join(sdir, "info.json"), info)
 
@@ -141,12 +143,14 @@ def _touch(path: str) -> None:
         raise StateError(f"can't add member {path}: {e.strerror}") from e
 
 
+def _audit_mark(cfg: Config, version: str) -> str:
+    st = os.stat(version)
+    return os.path.join(cfg.state_dir, "audit", f"{st.st_dev}-{st.st_ino}-{st.st_ctime_ns}")
+
+
 def _report_setuid(cfg: Config, version: str) -> None:
     """Log setuid/setgid files of a version once (they are harmless: the stage is nosuid)."""
-    st = os.stat(version)
-    mark = os.path.join(cfg.state_dir, "audit",
-                        f"{st.st_dev}-{st.st_ino}-{st.st_ctime_ns}")
-    if os.path.exists(mark):
+    if os.path.exists(_audit_mark(cfg, version)):
         return
     found = []
     for top, dirs, files in os.walk(version):
@@ -160,4 +164,3 @@ def _report_setuid(cfg: Config, version: str) -> None:
     if found:
         log.warning("image %s has %d setuid/setgid file(s), neutralised by nosuid: %s",
                     version, len(found), ", ".join(found[:20]))
-    _touch(mark)

@@ -3,14 +3,13 @@
 As root, the whole pytest process first enters a private mount namespace
 (so a failing test cannot leave a mount on the host) and then makes / shared
 again, as systemd does on a real node, so that the stage's propagation
-handling is tested against the hard case. Inside that namespace it mounts:
-
-- a tmpfs (mode 0755) over /tmp: images must live on a path that is root-owned
-  and not group/other-writable all the way up, which /tmp (1777) is not;
-- a tmpfs over /home, for the test users' home directories;
-- copies of /etc/passwd and /etc/group with two test users added.
-
-All of it vanishes with the process; nothing on the host is touched.
+handling is tested against the hard case. Inside that namespace it mounts a
+tmpfs (mode 0755) on the first of /srv, /media, /mnt that holds neither this
+checkout nor the interpreter (TEST_ROOT), because images must live on a path
+that is root-owned and not group/other-writable all the way up, which /tmp
+(1777) is not. pytest's temporary directories and the test users' homes are
+made there, and copies of /etc/passwd and /etc/group with the test users are
+bound over the real ones. All of it vanishes with the process.
 """
 import os
 import socket
@@ -20,6 +19,8 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+
+from pbs_chroot import config
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO.parent / "shared" / "fixtures" / "torque-6.1"
@@ -32,36 +33,55 @@ EXTRA_GROUP, EXTRA_GID = "pbsctx", 64124
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    if IS_ROOT and not os.environ.get("PBS_CHROOT_TEST_NS"):
-        _enter_test_namespace()
+    if IS_ROOT and not os.environ.get("PBS_CHROOT_TEST_ROOT"):
+        _enter_test_namespace(_pick_test_root())
 
 
-def _enter_test_namespace() -> None:
+def _pick_test_root() -> Path:
+    keep = {REPO, Path(sys.prefix), Path(sys.base_prefix), Path(os.getcwd()),
+            Path(os.path.realpath(sys.executable)).parent}
+    for cand in (Path("/srv"), Path("/media"), Path("/mnt")):
+        if cand.is_dir() and not cand.is_symlink() and cand.stat().st_uid == 0 \
+                and not any(k == cand or cand in k.parents for k in keep):
+            return cand
+    raise pytest.UsageError("no free directory (/srv, /media, /mnt) to mount the test tmpfs on")
+
+
+def _enter_test_namespace(root: Path) -> None:
     from pbs_chroot import _sys
     _sys.unshare(_sys.CLONE_NEWNS)
     _sys.mount(None, "/", None, _sys.MS_REC | _sys.MS_PRIVATE)
     _sys.mount(None, "/", None, _sys.MS_REC | _sys.MS_SHARED)  # like systemd
-    os.environ["PBS_CHROOT_TEST_NS"] = str(os.getpid())
     # suid and dev allowed: the stage's own nosuid/nodev are what the tests test.
-    _sys.mount("tmpfs", "/tmp", "tmpfs", 0, "mode=0755")
-    _sys.mount("tmpfs", "/home", "tmpfs", _sys.MS_NOSUID | _sys.MS_NODEV, "mode=0755")
-    etc = Path("/tmp/pbs_chroot-test-etc")
-    etc.mkdir(mode=0o755)
+    _sys.mount("tmpfs", str(root), "tmpfs", 0, "mode=0755")
+    os.environ["PBS_CHROOT_TEST_ROOT"] = str(root)
+    for sub in ("tmp", "home", "etc"):
+        (root / sub).mkdir(mode=0o755)
+    os.environ["PYTEST_DEBUG_TEMPROOT"] = str(root / "tmp")
     passwd = Path("/etc/passwd").read_text()
     group = Path("/etc/group").read_text()
-    (etc / "passwd").write_text(
-        passwd + f"{USER}:x:{UID}:{GID}:pbs_chroot test:/home/{USER}:/bin/sh\n"
-        f"{OTHER}:x:{OTHER_UID}:{OTHER_UID}:pbs_chroot test 2:/home/{OTHER}:/bin/sh\n")
-    (etc / "group").write_text(
+    (root / "etc" / "passwd").write_text(
+        passwd + f"{USER}:x:{UID}:{GID}:pbs_chroot test:{root}/home/{USER}:/bin/sh\n"
+        f"{OTHER}:x:{OTHER_UID}:{OTHER_UID}:pbs_chroot test 2:{root}/home/{OTHER}:/bin/sh\n")
+    (root / "etc" / "group").write_text(
         group + f"{USER}:x:{GID}:\n{EXTRA_GROUP}:x:{EXTRA_GID}:{USER}\n"
         f"{OTHER}:x:{OTHER_UID}:\n")
     for name in ("passwd", "group"):
-        os.chmod(etc / name, 0o644)
-        _sys.mount(str(etc / name), f"/etc/{name}", None, _sys.MS_BIND)
+        os.chmod(root / "etc" / name, 0o644)
+        _sys.mount(str(root / "etc" / name), f"/etc/{name}", None, _sys.MS_BIND)
     for user, uid, gid in ((USER, UID, GID), (OTHER, OTHER_UID, OTHER_UID)):
-        home = Path("/home") / user
+        home = root / "home" / user
         home.mkdir(mode=0o700)
         os.chown(home, uid, gid)
+
+
+def tmpfs_root() -> Path:
+    """Where the test tmpfs is mounted (homes live in its home/)."""
+    return Path(os.environ["PBS_CHROOT_TEST_ROOT"])
+
+
+def home_of(user: str) -> Path:
+    return tmpfs_root() / "home" / user
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
@@ -141,7 +161,7 @@ class Site:
 
     def __init__(self, base: Path, image_src: Path) -> None:
         for d in (base, *base.parents):  # pytest makes them 0700: jobs on the host need x
-            if d == Path("/tmp"):
+            if d == tmpfs_root():
                 break
             os.chmod(d, 0o755)
         self.base = base
@@ -159,9 +179,14 @@ class Site:
         self.config = base / "pbs_chroot.conf"
 
     def write_config(self, extra: str = "", images: str = "", main: str = "") -> Path:
+        """A config with the default bind set plus the test users' homes (unless ``extra``
+        has a [binds] section of its own)."""
+        binds = "" if "[binds]" in extra else "[binds]\n" + "".join(
+            f"{t} = {v}\n" for t, v in config.DEFAULT_BINDS + (
+                (str(tmpfs_root() / "home"), f"{tmpfs_root() / 'home'} rec"),))
         text = (f"[pbs_chroot]\nstate_dir = {self.state}\npbs_home = {self.pbs_home}\n"
                 f"syslog_socket = {self.base / 'log.sock'}\n{main}\n"
-                f"[image {self.image}]\n{images}\n{extra}")
+                f"[image {self.image}]\n{images}\n{binds}{extra}")
         self.config.write_text(text)
         os.chmod(self.config, 0o644)
         return self.config

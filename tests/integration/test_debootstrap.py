@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import UID, USER, Site, mount_points, pbs_chroot_cli
+from tests.conftest import UID, USER, Site, home_of, mount_points, pbs_chroot_cli
 
 pytestmark = [
     pytest.mark.root, pytest.mark.slow,
@@ -43,5 +43,5 @@ def test_job_in_debian11(tmp_path: Path, debian11: Path) -> None:
     lines = res.stdout.splitlines()
     assert lines[0].startswith("11.")
     assert lines[1] == str(UID) and lines[2].startswith(f"{USER}:x:{UID}:")
-    assert lines[3] == f"/home/{USER}" and lines[4] == "proc-ok"
+    assert lines[3] == str(home_of(USER)) and lines[4] == "proc-ok"
     assert mount_points() == before

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import EXTRA_GID, GID, UID, USER, Site, mount_points, pbs_chroot_cli
+from tests.conftest import (EXTRA_GID, GID, UID, USER, Site, home_of, mount_points,
+                            pbs_chroot_cli)
 
 pytestmark = [pytest.mark.root,
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root: chroot, setuid")]
@@ -28,7 +29,7 @@ def test_job_runs_in_the_image_as_the_user(site: Site) -> None:
     out = res.stdout
     assert "pbs_chroot demo image" in out  # the image's os-release, not the host's
     assert f"uid={UID}({USER}) gid={GID}({USER})" in out and f"{EXTRA_GID}(pbsctx)" in out
-    assert f"/home/{USER}\n" in out and "devnull-ok" in out
+    assert f"{home_of(USER)}\n" in out and "devnull-ok" in out
     assert f"Uid:\t{UID}\t{UID}\t{UID}\t{UID}" in out and f"Gid:\t{GID}\t{GID}\t{GID}\t{GID}" in out
     assert "NoNewPrivs:\t1" in out and "CapEff:\t0000000000000000" in out
     assert out.rstrip().splitlines()[-1].startswith("run-")

@@ -10,13 +10,18 @@ import pytest
 from pbs_chroot import _sys, config, mounts, stage
 from pbs_chroot.errors import MountError
 from pbs_chroot.state import ensure_layout
-from tests.conftest import Site
+from tests.conftest import Site, tmpfs_root
 
 pytestmark = [pytest.mark.root,
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root: real mounts")]
 
-STAGE_TARGETS = ["", "/proc", "/sys", "/dev", "/dev/pts", "/dev/shm", "/home", "/etc/passwd",
-                 "/etc/group", "/etc/resolv.conf", "/etc/hosts"]
+DEFAULT_TARGETS = ["", "/proc", "/sys", "/dev", "/dev/pts", "/dev/shm", "/home", "/etc/passwd",
+                   "/etc/group", "/etc/resolv.conf", "/etc/hosts"]
+
+
+def stage_targets() -> list[str]:
+    """The default bind set plus the test homes that Site.write_config adds."""
+    return DEFAULT_TARGETS + [str(tmpfs_root() / "home")]
 
 
 def load(site: Site) -> config.Config:
@@ -48,7 +53,7 @@ def test_stage_mounts_and_teardown(site: Site, peer: str) -> None:
     peer_before = Path(f"/proc/{peer}/mountinfo").read_text().count("\n")
     stage.join(cfg, "1.vm", str(v))
     mounted = below(v)
-    for t in STAGE_TARGETS:
+    for t in stage_targets():
         assert str(v) + t in mounted, t
     info = {m.mount_point: m for m in mounts.read_mountinfo()}
     assert {"ro", "nosuid", "nodev"} <= info[str(v)].options
@@ -127,9 +132,9 @@ def test_admin_mount_under_the_version_survives(site: Site) -> None:
     _sys.mount("tmpfs", v, "tmpfs", 0, "mode=0755")  # the admin's file system for the version
     try:
         for d in ("proc", "sys", "dev", "home", "etc"):
-            os.mkdir(f"{v}/{d}")
+            os.mkdir(f"{v}/{d}")  # an image on a file system of its own
         stage.join(cfg, "1.vm", v)
-        assert len(below(site.version)) == 1 + len(STAGE_TARGETS)
+        assert len(below(site.version)) == 1 + len(stage_targets())
         stage.leave(cfg, "1.vm", v)
         assert below(site.version) == [v]
     finally:

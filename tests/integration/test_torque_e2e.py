@@ -2,14 +2,13 @@
 import os
 import random
 import time
-from pathlib import Path
 from typing import Iterator, Optional
 
 import pytest
 
 from pbs_chroot.lifecycle import FAULT_POINTS
 from tests import fakes
-from tests.conftest import USER, Site, Syslog, mount_points, pbs_chroot_cli
+from tests.conftest import USER, Site, Syslog, home_of, mount_points, pbs_chroot_cli
 from tests.momemu import EmuJob, EmuResult, MomEmulator
 
 pytestmark = [pytest.mark.root,
@@ -65,10 +64,10 @@ def ran_in_image(res: EmuResult, job: EmuJob) -> None:
     assert res.job_rc == 0, res.stdout + res.stderr
     out = res.stdout
     assert 'PRETTY_NAME="pbs_chroot demo image' in out  # the image's, not the host's
-    for word in ("proc-ok", "devnull-ok", f"/home/{USER}\nhome-ok", "script-ok",
+    for word in ("proc-ok", "devnull-ok", f"{home_of(USER)}\nhome-ok", "script-ok",
                  f"user={USER}"):
         assert word in out, out
-    assert (Path("/home") / USER / f"by-{job.job_id}").exists()
+    assert (home_of(USER) / f"by-{job.job_id}").exists()
     assert res.epilogue_rc == 0
 
 
@@ -131,7 +130,7 @@ def test_ten_jobs_share_the_stage_and_end_in_random_order(node: Node) -> None:
     warm = node.job(node.rootdir())  # a first job creates the state directory's files
     assert node.emu.run(warm).job_rc == 0
     before, state_before = mount_points(), node.site.state_files()
-    home = Path("/home") / USER
+    home = home_of(USER)
     script = """#!/bin/sh
 touch "$HOME/started.$PBS_JOBID"
 bad=0
