@@ -2,6 +2,7 @@
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -41,6 +42,10 @@ def peer() -> Iterator[str]:
     """Another mount namespace, a peer of ours (like a systemd service's)."""
     p = subprocess.Popen(["unshare", "--mount", "--propagation", "unchanged", "sleep", "60"])
     try:
+        deadline = time.monotonic() + 10
+        while os.readlink(f"/proc/{p.pid}/ns/mnt") == os.readlink("/proc/self/ns/mnt"):
+            assert time.monotonic() < deadline, "unshare did not switch namespaces"
+            time.sleep(0.01)
         yield str(p.pid)
     finally:
         p.send_signal(signal.SIGKILL)
