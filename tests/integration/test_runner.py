@@ -88,11 +88,25 @@ def test_shim_alone_refuses_bad_use(tmp_path: Path) -> None:
     res = subprocess.run(shim + ["--root", str(tmp_path / "none"), "--user", USER, "--", "true"],
                          capture_output=True, text=True)
     assert res.returncode == 125 and "can't chroot" in res.stderr
-    # Started by a non-root user, it does nothing.
-    res = subprocess.run(["setpriv", f"--reuid={UID}", f"--regid={GID}", "--clear-groups"]
-                         + shim + ["--root", "/", "--user", USER, "--", "true"],
-                         capture_output=True, text=True)
-    assert res.returncode == 125 and "must be started by root" in res.stderr
+    # Started by a non-root user (or setuid), it does nothing. Forked, not exec'd: a
+    # pyenv interpreter cannot even load its libpython as another user.
+    err = tmp_path / "err"
+    pid = os.fork()
+    if pid == 0:
+        try:
+            fd = os.open(err, os.O_WRONLY | os.O_CREAT, 0o600)
+            os.dup2(fd, 2)
+            os.setgroups([])
+            os.setresgid(GID, GID, GID)
+            os.setresuid(UID, 0, 0)  # as if setuid root: euid and saved still 0
+            os.seteuid(UID)
+            from pbs_chroot import shim as shim_mod
+            shim_mod.main(["--root", "/", "--user", USER, "--", "/bin/true"])
+        finally:
+            os._exit(99)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 125
+    assert "must be started by root" in err.read_text()
 
 
 def test_image_writable_by_others_is_refused(site: Site) -> None:
