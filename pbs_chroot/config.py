@@ -7,8 +7,7 @@ examples/pbs_chroot.conf for an annotated example.
 """
 import os
 import stat
-from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 from .errors import ConfigError
 
@@ -34,8 +33,7 @@ DEFAULT_BINDS = (
 )
 
 
-@dataclass(frozen=True)
-class BindSpec:
+class BindSpec(NamedTuple):
     """One mount of the stage: ``source`` on the host (or "proc") at ``target`` in the image."""
 
     target: str
@@ -52,8 +50,7 @@ class BindSpec:
         return f"{self.target} <- {self.source} [{','.join(opts) or 'rw'}]"
 
 
-@dataclass(frozen=True)
-class Image:
+class Image(NamedTuple):
     """An allowlisted image: the exact path users write, and who may use it."""
 
     path: str
@@ -62,8 +59,7 @@ class Image:
     queues: frozenset[str] = frozenset()
 
 
-@dataclass(frozen=True)
-class Config:
+class Config(NamedTuple):
     """The whole configuration, validated."""
 
     path: str

@@ -10,7 +10,6 @@ site fault; pbs_mom just logs it.
 """
 import logging
 import os
-import subprocess
 import sys
 from typing import Callable, Optional, Sequence
 
@@ -112,6 +111,7 @@ def offline_node(cfg: Optional[Config], pbsnodes: str, reason: str) -> None:
     """
     if cfg is not None and not cfg.offline_node:
         return
+    import subprocess
     node = (cfg.node_name if cfg is not None else "") or os.uname().nodename.split(".")[0]
     cmd = [pbsnodes, "-o", "-N", f"pbs-chroot: {reason}"[:250], node]
     try:

@@ -12,8 +12,7 @@ server's answer to arrive in time or in one piece. Every failure is a JobInfoErr
 """
 import os
 import time
-from dataclasses import dataclass
-from typing import Any, NoReturn, Optional
+from typing import Any, NamedTuple, NoReturn, Optional
 
 from .errors import JobInfoError
 
@@ -36,8 +35,7 @@ _MAX_REPLY = 16 * 1024 * 1024  # bytes accepted from the pbs_python child
 _XML_BAD = {c: 0xFFFD for c in list(range(0x20)) + [0xFFFE, 0xFFFF] if c not in (9, 10, 13)}
 
 
-@dataclass(frozen=True)
-class JobVariables:
+class JobVariables(NamedTuple):
     """A job's Variable_List: unescaped (name, value) pairs and the raw server text."""
 
     entries: tuple[tuple[str, str], ...]

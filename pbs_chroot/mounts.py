@@ -11,10 +11,8 @@ import os
 import stat
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
-from . import _sys
 from .config import BindSpec
 from .errors import MountError, UnsafePathError
 from .paths import open_in_root
@@ -25,12 +23,14 @@ __all__ = ["MountInfo", "MountStep", "read_mountinfo", "mounts_below", "check_ba
 
 log = logging.getLogger(__name__)
 
+# _sys (ctypes) is imported by the functions that mount: a job joining a
+# stage that is already up never pays for it.
+
 _UMOUNT_TRIES = 5
 _UMOUNT_PAUSE = 0.05
 
 
-@dataclass(frozen=True)
-class MountInfo:
+class MountInfo(NamedTuple):
     """One line of /proc/self/mountinfo (proc(5))."""
 
     mount_id: int
@@ -41,8 +41,7 @@ class MountInfo:
     shared: Optional[int] = None  # peer group, from the optional field shared:N
 
 
-@dataclass(frozen=True)
-class MountStep:
+class MountStep(NamedTuple):
     """One planned mount: ``spec`` applied at ``target`` (a host path inside the stage)."""
 
     spec: BindSpec
@@ -136,6 +135,7 @@ def apply(version: str, steps: Sequence[MountStep], keep: frozenset[int] = froze
     ``keep``: ids of mounts that were at or below ``version`` before (the
     admin's, e.g. the file system the image lives on): never unmounted.
     """
+    from . import _sys
     with ExitStack() as undo:
         _self_bind(version)
         undo.callback(_best_effort_teardown, version, keep)
@@ -150,6 +150,7 @@ def apply(version: str, steps: Sequence[MountStep], keep: frozenset[int] = froze
 
 
 def _self_bind(version: str) -> None:
+    from . import _sys
     fd = os.open(version, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         _call(_sys.mount, version, f"/proc/self/fd/{fd}", f"/proc/self/fd/{fd}", None,
@@ -162,6 +163,7 @@ def _self_bind(version: str) -> None:
 
 
 def _mount_step(root_fd: int, version: str, step: MountStep) -> None:
+    from . import _sys
     spec = step.spec
     try:
         tfd = open_in_root(root_fd, spec.target, "file" if step.is_file else "dir")
@@ -191,6 +193,7 @@ def _mount_step(root_fd: int, version: str, step: MountStep) -> None:
 
 
 def _remount(target: str, flags: int) -> None:
+    from . import _sys
     # Re-open: an fd taken before the bind still names the covered directory.
     fd = os.open(target, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
@@ -250,6 +253,7 @@ def teardown(version: str, keep: frozenset[int] = frozenset()) -> int:
 
 
 def _umount(target: str, detach: bool) -> int:
+    from . import _sys
     try:
         _sys.umount2(target, _sys.UMOUNT_NOFOLLOW | (_sys.MNT_DETACH if detach else 0))
     except OSError as e:

@@ -32,7 +32,7 @@ def test_install_writes_root_only_hooks_that_run(site: Site) -> None:
         assert stat.S_ISREG(st.st_mode) and st.st_uid == 0 and st.st_gid == 0
         assert stat.S_IMODE(st.st_mode) == 0o500
     text = (site.pbs_home / "mom_priv" / "prologue").read_text()
-    assert text.startswith(f"#!{sys.executable} -I\n")
+    assert text.startswith(f"#!{sys.executable} -IS\n")
     assert f'CONFIG = "{site.config}"' in text and 'PBSNODES = "/opt/fake/pbsnodes"' in text
     assert (site.state / "jobs").is_dir() and stat.S_IMODE(os.stat(site.state).st_mode) == 0o700
     # The installed epilogue runs with an empty environment, as pbs_mom starts it.
