@@ -65,3 +65,15 @@ def test_install_needs_mom_priv_and_an_importable_package(site: Site, tmp_path: 
         res = install(site, "--python", "/usr/bin/python3")
         assert res.returncode == 2 and "cannot import pbs_chroot" in res.stderr
     assert not (site.pbs_home / "mom_priv" / "prologue").exists()
+
+
+def test_check_reports_each_image(site: Site) -> None:
+    site.write_config(extra=f"[image {site.base}/chroot/missing]\n")
+    res = pbs_chroot_cli("--config", str(site.config), "check", check=False)
+    assert res.returncode == 1
+    assert f"image {site.image} -> {site.version}: OK" in res.stdout
+    assert f"image {site.base}/chroot/missing: REFUSED: can't open" in res.stdout
+    site.write_config()
+    os.chmod(site.config, 0o666)
+    res = pbs_chroot_cli("--config", str(site.config), "check", check=False)
+    assert res.returncode == 1 and "refusing config" in res.stderr
