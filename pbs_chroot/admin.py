@@ -152,24 +152,41 @@ def run(cfg_path: str, image: str, user: Optional[str], cmd: Sequence[str]) -> i
     user = user or _default_user()
     allowed = gate.check_value(image, cfg, user, "local")
     version = resolve_admin_path(allowed.path)
-    job_id = f"run-{os.getpid()}-{int(time.time())}.{os.uname().nodename.split('.')[0]}"
+    job = lifecycle.Job(f"run-{os.getpid()}-{int(time.time())}."
+                        f"{os.uname().nodename.split('.')[0]}", user, "", "local", "")
     ensure_layout(cfg.state_dir)
-    lifecycle.start_job(cfg, job_id, user, allowed.path, version)
-    try:
-        args = shim.ShimArgs(["--root", version, "--user", user, "--setenv",
-                              f"PBS_JOBID={job_id}", "--", *cmd])
-        pid = os.fork()
-        if pid == 0:
-            try:
+    args = shim.ShimArgs(["--root", version, "--user", user, "--setenv",
+                          f"PBS_JOBID={job.job_id}", "--", *cmd])
+    # The child waits until it is in the job's cgroup, then becomes the shim.
+    go_r, go_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(go_w)
+        try:
+            if os.read(go_r, 1) == b"1":
                 shim.enter_and_exec(args)
-            except shim.ShimError as e:
-                shim._die(shim.SETUP_FAILED, str(e))
-            finally:
-                os._exit(shim.SETUP_FAILED)
+        except shim.ShimError as e:
+            shim._die(shim.SETUP_FAILED, str(e))
+        finally:
+            os._exit(shim.SETUP_FAILED)
+    os.close(go_r)
+    status = 125
+    try:
+        try:
+            lifecycle.start_job(cfg, job, allowed.path, version, pid)
+        except BaseException:
+            os.close(go_w)
+            os.waitpid(pid, 0)
+            raise
+        os.write(go_w, b"1")
+        os.close(go_w)
         status = _wait_forwarding(pid)
     finally:
-        lifecycle.end_job(cfg, job_id)
-    print(f"pbs-chroot: job {job_id} in {image} as {user} exited with status {status}",
+        acct = lifecycle.end_job(cfg, job.job_id, str(status))
+    if acct and acct.get("oom_kills"):
+        from .hooks import oom_message
+        print(f"pbs-chroot: job {job.job_id}: {oom_message(acct)}", file=sys.stderr)
+    print(f"pbs-chroot: job {job.job_id} in {image} as {user} exited with status {status}",
           file=sys.stderr)
     return status
 

@@ -75,6 +75,15 @@ class Config(NamedTuple):
     node_name: str = ""
     keep_stage: bool = False
     syslog_socket: str = "/dev/log"
+    cgroups: bool = True
+    cgroup_parent: str = "pbs_chroot"
+    torque_cgroup_parent: str = "torque"
+    memory_policy: str = "hard"
+    memory_cap: Optional[int] = None
+    limit_swap: bool = False
+    pids_max: Optional[int] = None
+    kill_timeout: float = 30.0
+    accounting_log: str = "/var/log/pbs_chroot/accounting.jsonl"
 
     def image(self, path: str) -> Optional[Image]:
         """The allowlisted image whose path equals ``path`` as text, or None."""
@@ -135,7 +144,10 @@ def parse(text: str, path: str = "<string>") -> Config:
 _FIELDS = {
     "state_dir": "abspath", "pbs_home": "abspath", "job_info": "source", "qstat": "abspath",
     "job_info_timeout": "seconds", "lock_timeout": "seconds", "offline_node": "bool",
-    "node_name": "str", "keep_stage": "bool", "syslog_socket": "abspath",
+    "node_name": "str", "keep_stage": "bool", "syslog_socket": "abspath", "cgroups": "bool",
+    "cgroup_parent": "cgroupname", "torque_cgroup_parent": "cgroupname",
+    "memory_policy": "policy", "memory_cap": "size", "limit_swap": "bool", "pids_max": "count",
+    "kill_timeout": "seconds", "accounting_log": "abspath",
 }
 
 
@@ -146,6 +158,13 @@ def _convert(path: str, key: str, value: str) -> object:
         raise ConfigError(f"config {path}: {key} must be an absolute path, not {value!r}")
     if kind == "source" and value not in ("auto", "pbs_python", "qstat"):
         raise ConfigError(f"config {path}: job_info must be auto, pbs_python or qstat")
+    if kind == "policy" and value not in ("hard", "soft", "none"):
+        raise ConfigError(f"config {path}: memory_policy must be hard, soft or none")
+    if kind == "cgroupname" and not _is_cgroup_name(value):
+        raise ConfigError(f"config {path}: {key} must be a relative cgroup path like "
+                          f"'pbs_chroot', not {value!r}")
+    if kind in ("size", "count"):
+        return _number(path, key, value, kind)
     if kind == "seconds":
         try:
             seconds = float(value)
@@ -159,6 +178,23 @@ def _convert(path: str, key: str, value: str) -> object:
             raise ConfigError(f"config {path}: {key} must be yes or no, not {value!r}")
         return value.lower() in ("yes", "true", "1", "on")
     return value
+
+
+def _is_cgroup_name(value: str) -> bool:
+    parts = value.split("/")
+    return all(p and p not in (".", "..") and all(c.isalnum() or c in "_.-" for c in p)
+               for p in parts)
+
+
+def _number(path: str, key: str, value: str, kind: str) -> Optional[int]:
+    if value in ("", "0", "none"):
+        return None
+    from .resources import parse_size
+    n = parse_size(value) if kind == "size" else (int(value) if value.isdigit() else None)
+    if not n:
+        raise ConfigError(f"config {path}: {key}: can't read {value!r} as a "
+                          f"{'size like 64gb' if kind == 'size' else 'whole number'}")
+    return n
 
 
 def _image(path: str, image_path: str, section: "object") -> Image:

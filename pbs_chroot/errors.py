@@ -7,7 +7,7 @@ from typing import Optional
 
 __all__ = [
     "PbsChrootError", "UserError", "SiteError", "ConfigError", "JobInfoError",
-    "UnsafePathError", "MountError", "PrivilegeError", "StateError",
+    "UnsafePathError", "MountError", "CgroupError", "PrivilegeError", "StateError",
 ]
 
 
@@ -54,6 +54,10 @@ class UnsafePathError(SiteError):
 
 class MountError(SiteError):
     """A mount or unmount of the stage failed."""
+
+
+class CgroupError(SiteError):
+    """A cgroup could not be created, limited, emptied or removed."""
 
 
 class PrivilegeError(SiteError):

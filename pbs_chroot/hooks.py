@@ -45,26 +45,62 @@ def _prologue(cfg: Config, argv: Sequence[str]) -> None:
     if len(argv) < _PROLOGUE_ARGS + 1:
         raise SiteError(f"prologue called with {len(argv) - 1} arguments, pbs_mom passes "
                         f"at least {_PROLOGUE_ARGS}")
-    job_id, user, queue = check_job_id(argv[1]), argv[2], argv[6]
-    variables = jobinfo.read_variables(job_id, source=cfg.job_info, qstat=cfg.qstat,
+    job = lifecycle.Job(check_job_id(argv[1]), argv[2], argv[3], argv[6], argv[5])
+    variables = jobinfo.read_variables(job.job_id, source=cfg.job_info, qstat=cfg.qstat,
                                        timeout=cfg.job_info_timeout)
     image = gate.check_request(variables.entries, jobinfo.lossy_names(variables.raw), cfg,
-                               user, queue)
-    if image is None:
+                               job.user, job.queue)
+    if image is None and not cfg.cgroups:
         return
-    version = resolve_admin_path(image.path)
+    version = resolve_admin_path(image.path) if image is not None else None
     ensure_layout(cfg.state_dir)
-    lifecycle.start_job(cfg, job_id, user, image.path, version)
-    logger.info("job %s (user %s, queue %s) runs in image %s (version %s)",
-                job_id, user, queue, image.path, version)
+    lifecycle.start_job(cfg, job, image.path if image else None, version,
+                        _future_job_process(argv[0]))
+    if image is not None:
+        logger.info("job %s (user %s, queue %s) runs in image %s (version %s)",
+                    job.job_id, job.user, job.queue, image.path, version)
+
+
+def _future_job_process(argv0: str) -> Optional[int]:
+    """The prologue's parent: pbs_mom's child that becomes the job (DESIGN.md).
+
+    Never pbs_mom itself: on sister nodes prologue.parallel may be run by the
+    daemon, which must not land in (and be killed with) a job's cgroup.
+    """
+    ppid = os.getppid()
+    if argv0.endswith(".parallel") or ppid == 1:
+        return None
+    try:
+        with open(f"/proc/{ppid}/stat") as f:
+            grandparent = int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    if grandparent == 1:  # the parent is a daemon (pbs_mom's main process)
+        logger.warning("prologue's parent %d is a daemon: not moving it into a job cgroup", ppid)
+        return None
+    return ppid
 
 
 def _epilogue(cfg: Config, argv: Sequence[str]) -> None:
     if len(argv) < _EPILOGUE_ARGS + 1:
         raise SiteError(f"epilogue called with {len(argv) - 1} arguments, pbs_mom passes "
                         f"at least {_EPILOGUE_ARGS}")
-    if lifecycle.end_job(cfg, check_job_id(argv[1])):
-        logger.info("job %s: image teardown done", argv[1])
+    job_id = check_job_id(argv[1])
+    acct = lifecycle.end_job(cfg, job_id, argv[10])
+    if acct and acct.get("oom_kills"):
+        _tell_user(job_id, oom_message(acct))
+
+
+def oom_message(acct: dict) -> str:  # type: ignore[type-arg]
+    """The line a user reads in the error file when the job hit its memory limit."""
+    limit, peak = acct.get("mem_limit_bytes"), acct.get("mem_peak_bytes")
+    what = f"the job's memory limit of {_mib(limit)}" if limit else "the node's memory"
+    return (f"a process was killed for exceeding {what}"
+            + (f" (peak {_mib(peak)})" if peak else ""))
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 10 * 2**30 else f"{round(n / 2**20)} MiB"
 
 
 def run_main(hook: str, argv: Sequence[str], body: Callable[[Config, Sequence[str]], None],

@@ -1,4 +1,4 @@
-"""A job's life on a node: start (record, then stage) and end (stage, then record).
+"""A job's life on a node: start (record, cgroup, stage, attach) and end (kill, account, undo).
 
 Run as root by the hooks and the runner. The job record is written before
 each step, so that end_job() — in the epilogue, a second epilogue or the
@@ -9,22 +9,32 @@ import os
 import signal
 import time
 from contextlib import ExitStack
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple, Optional
 
-from . import stage
+from . import cgroups, stage
 from .config import Config
 from .errors import PbsChrootError
 from .state import delete_record, load_record, save_record
 
-__all__ = ["FAULT_POINTS", "start_job", "end_job", "fault_point"]
+__all__ = ["FAULT_POINTS", "Job", "start_job", "end_job", "fault_point", "job_cgroup_of"]
 
 log = logging.getLogger(__name__)
 
 # Test-only fault injection: PBS_CHROOT_TEST_KILL_AT=POINT makes the process
 # SIGKILL itself there. pbs_mom gives hooks a fixed environment, so a job
 # owner cannot set it.
-FAULT_POINTS = ("recorded", "stage_joined", "started")
+FAULT_POINTS = ("recorded", "cgroup_created", "stage_joined", "attached", "started")
 _KILL_AT = os.environ.get("PBS_CHROOT_TEST_KILL_AT", "")
+
+
+class Job(NamedTuple):
+    """What a hook knows of a job from its argv."""
+
+    job_id: str
+    user: str
+    group: str = ""
+    queue: str = ""
+    resource_list: str = ""
 
 
 def fault_point(name: str) -> None:
@@ -33,37 +43,113 @@ def fault_point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def start_job(cfg: Config, job_id: str, user: str, image: str, version: str) -> None:
-    """Record the job, then join the stage of ``version``; on failure, undo both."""
-    record: dict[str, Any] = {"job_id": job_id, "user": user, "image": image,
-                              "version": version, "stage": "joining", "start": time.time()}
+def start_job(cfg: Config, job: Job, image: Optional[str], version: Optional[str],
+              attach_pid: Optional[int]) -> None:
+    """Record the job, make its cgroup, join its stage, attach its process; undo on failure."""
+    record: dict[str, Any] = {"job_id": job.job_id, "user": job.user, "group": job.group,
+                              "queue": job.queue, "image": image, "version": version,
+                              "start": time.time(), "stage": None, "cgroup": None}
     with ExitStack() as undo:
         save_record(cfg.state_dir, record)
-        undo.callback(_best_effort, delete_record, cfg.state_dir, job_id)
+        undo.callback(_best_effort, delete_record, cfg.state_dir, job.job_id)
         fault_point("recorded")
-        undo.callback(_best_effort, stage.leave, cfg, job_id, version)
-        stage.join(cfg, job_id, version)
-        fault_point("stage_joined")
-        record["stage"] = "joined"
+        cg = _make_cgroup(cfg, job, record, undo) if cfg.cgroups else None
+        fault_point("cgroup_created")
+        if version is not None:
+            record["stage"] = "joining"
+            save_record(cfg.state_dir, record)
+            undo.callback(_best_effort, stage.leave, cfg, job.job_id, version)
+            stage.join(cfg, job.job_id, version)
+            fault_point("stage_joined")
+            record["stage"] = "joined"
+        if cg is not None and attach_pid is not None and record["cgroup"]["owned"]:
+            record["cgroup"]["attached"] = attach_pid
+            save_record(cfg.state_dir, record)
+            cg.attach(attach_pid)
+            fault_point("attached")
+        record["started"] = True
         save_record(cfg.state_dir, record)
         undo.pop_all()
     fault_point("started")
 
 
-def end_job(cfg: Config, job_id: str) -> bool:
-    """Undo whatever start_job() got done for ``job_id``. Idempotent. True if it had a record."""
+def _make_cgroup(cfg: Config, job: Job, record: dict[str, Any],
+                 undo: ExitStack) -> cgroups.JobCgroup:
+    from .resources import limits_for
+    layout = cgroups.detect()
+    torque = cgroups.job_cgroup(layout, cfg.torque_cgroup_parent, job.job_id)
+    if torque.exists():  # Torque built with cgroups made its own: use it, don't fight it
+        record["cgroup"] = {"layout": list(layout), "name": torque.name, "owned": False}
+        save_record(cfg.state_dir, record)
+        return torque
+    cg = cgroups.job_cgroup(layout, cfg.cgroup_parent, job.job_id)
+    record["cgroup"] = {"layout": list(layout), "name": cg.name, "owned": True}
+    save_record(cfg.state_dir, record)
+    undo.callback(_best_effort, cg.remove)
+    cg.create()
+    cg.set_limits(limits_for(job.resource_list, cfg.memory_policy, cfg.memory_cap,
+                             cfg.limit_swap, cfg.pids_max))
+    return cg
+
+
+def job_cgroup_of(record: dict[str, Any]) -> Optional[cgroups.JobCgroup]:
+    """The cgroup a job record names, or None."""
+    info = record.get("cgroup")
+    if not isinstance(info, dict):
+        return None
+    layout = cgroups.Layout(*info["layout"])
+    parent, _, job_id = info["name"].rpartition("/")
+    return cgroups.job_cgroup(layout, parent, job_id)
+
+
+def end_job(cfg: Config, job_id: str, exit_status: str = "") -> Optional[dict[str, Any]]:
+    """Undo whatever start_job() got done for ``job_id``; idempotent.
+
+    Returns the accounting record written (None if the job had no record).
+    A process that survives SIGKILL raises CgroupError and leaves the record
+    for the reconciler: the stage stays too, since that process may hold it.
+    """
     record = load_record(cfg.state_dir, job_id)
     if record is None:
-        return False
-    version = record.get("version")
-    if isinstance(version, str):
-        stage.leave(cfg, job_id, version)
+        return None
+    cg = job_cgroup_of(record)
+    acct = None
+    if cg is not None and cg.exists():
+        n = cg.kill(cfg.kill_timeout)
+        if n:
+            log.info("job %s: killed %d process(es) left in its cgroup", job_id, n)
+        if not record.get("accounted"):
+            acct = _account(cfg, record, cg.usage(), cg.version, exit_status)
+            record["accounted"] = True
+            save_record(cfg.state_dir, record)
+    if isinstance(record.get("version"), str) and record.get("stage"):
+        stage.leave(cfg, job_id, record["version"])
+    if cg is not None and record["cgroup"].get("owned"):
+        cg.remove()
     delete_record(cfg.state_dir, job_id)
-    return True
+    return acct
+
+
+def _account(cfg: Config, record: dict[str, Any], usage: cgroups.Usage, version: int,
+             exit_status: str) -> dict[str, Any]:
+    from . import accounting
+    acct = {"job_id": record["job_id"], "user": record.get("user"),
+            "group": record.get("group"), "queue": record.get("queue"),
+            "node": cfg.node_name or os.uname().nodename.split(".")[0],
+            "image": record.get("image"), "version": record.get("version"),
+            "start": record.get("start"), "end": time.time(),
+            "exit": int(exit_status) if exit_status.lstrip("-").isdigit() else None,
+            "cgroup_version": version, **usage._asdict()}
+    accounting.append(cfg.accounting_log, acct)
+    log.info("job %s accounting: user %s cpu %.1f s user + %.1f s system, peak memory %s, "
+             "oom kills %d, image %s", acct["job_id"], acct["user"],
+             usage.cpu_user_usec / 1e6, usage.cpu_system_usec / 1e6, usage.mem_peak_bytes,
+             usage.oom_kills, acct["image"])
+    return acct
 
 
 def _best_effort(fn: Callable[..., Any], *args: Any) -> None:
     try:
         fn(*args)
     except PbsChrootError as e:
-        log.error("undo step %s failed: %s", fn.__name__, e.detail)
+        log.error("undo step %s failed: %s", getattr(fn, "__name__", fn), e.detail)

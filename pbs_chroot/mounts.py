@@ -39,6 +39,7 @@ class MountInfo(NamedTuple):
     options: frozenset[str]
     fstype: str
     shared: Optional[int] = None  # peer group, from the optional field shared:N
+    super_options: frozenset[str] = frozenset()  # e.g. a v1 cgroup's controllers
 
 
 class MountStep(NamedTuple):
@@ -79,7 +80,9 @@ def read_mountinfo(path: str = "/proc/self/mountinfo") -> list[MountInfo]:
         peer = [int(f[7:]) for f in fields[6:sep] if f.startswith("shared:")]
         result.append(MountInfo(int(fields[0]), int(fields[1]), _unescape(fields[4]),
                                 frozenset(fields[5].split(",")), fields[sep + 1],
-                                peer[0] if peer else None))
+                                peer[0] if peer else None,
+                                frozenset(fields[sep + 3].split(",")) if len(fields) > sep + 3
+                                else frozenset()))
     return result
 
 

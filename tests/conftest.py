@@ -94,6 +94,37 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
             item.add_marker(skip)
 
 
+# Cgroups the tests make live below this parent only (one per pytest process).
+CG_PARENT = f"pbs_chroot_test.{os.getpid()}"
+
+
+def cgroup_children() -> list[str]:
+    """Every cgroup below the tests' parent, in every hierarchy."""
+    from pbs_chroot import cgroups
+    layout = cgroups.detect()
+    tops = list(layout.v1.values()) if layout.version == 1 else [str(layout.v2)]
+    found = []
+    for top in tops:
+        base = Path(top) / CG_PARENT
+        if base.is_dir():
+            found += [str(p) for p in base.rglob("*") if p.is_dir()]
+    return sorted(found)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if not IS_ROOT or os.environ.get("PBS_CHROOT_TEST_ROOT") is None:
+        return
+    from pbs_chroot import cgroups
+    layout = cgroups.detect()
+    for top in (layout.v1.values() if layout.version == 1 else [str(layout.v2)]):
+        base = Path(top) / CG_PARENT
+        for d in sorted(base.rglob("*"), reverse=True) if base.is_dir() else []:
+            if d.is_dir():
+                d.rmdir()  # a leak: the per-test check has already failed that test
+        if base.is_dir():
+            base.rmdir()
+
+
 def mount_points() -> list[str]:
     """This process's mount points, in order: the leak check compares these."""
     with open("/proc/self/mountinfo") as f:
@@ -101,8 +132,8 @@ def mount_points() -> list[str]:
 
 
 @pytest.fixture(autouse=True)
-def no_leaked_mounts(request: pytest.FixtureRequest) -> Iterator[None]:
-    """Every root test must leave mountinfo exactly as it found it."""
+def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Every root test must leave mountinfo and the cgroup tree as it found them."""
     if "root" not in request.keywords:
         yield
         return
@@ -110,6 +141,7 @@ def no_leaked_mounts(request: pytest.FixtureRequest) -> Iterator[None]:
     yield
     after = mount_points()
     assert after == before, f"mounts leaked: {sorted(set(after) - set(before))}"
+    assert cgroup_children() == [], "cgroups leaked"
 
 
 @pytest.fixture(scope="session")
@@ -180,6 +212,13 @@ class Site:
         self.state = base / "state"
         self.pbs_home = base / "torque"
         self.config = base / "pbs_chroot.conf"
+        self.accounting = base / "accounting.jsonl"
+
+    def accounting_lines(self) -> list[dict]:
+        import json
+        if not self.accounting.exists():
+            return []
+        return [json.loads(line) for line in self.accounting.read_text().splitlines()]
 
     def write_config(self, extra: str = "", images: str = "", main: str = "") -> Path:
         """A config with the default bind set plus the test users' homes (unless ``extra``
@@ -188,7 +227,8 @@ class Site:
             f"{t} = {v}\n" for t, v in config.DEFAULT_BINDS + (
                 (str(tmpfs_root() / "home"), f"{tmpfs_root() / 'home'} rec"),))
         text = (f"[pbs_chroot]\nstate_dir = {self.state}\npbs_home = {self.pbs_home}\n"
-                f"syslog_socket = {self.base / 'log.sock'}\n{main}\n"
+                f"syslog_socket = {self.base / 'log.sock'}\ncgroup_parent = {CG_PARENT}\n"
+                f"accounting_log = {self.accounting}\n{main}\n"
                 f"[image {self.image}]\n{images}\n{binds}{extra}")
         self.config.write_text(text)
         os.chmod(self.config, 0o644)

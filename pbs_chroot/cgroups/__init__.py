@@ -1,0 +1,212 @@
+"""Per-job cgroups: detection of the node's hierarchy and one interface for v1 and v2.
+
+Run as root by the hooks and the runner. Everything is created, written and
+removed below one configured parent (e.g. ``pbs_chroot``) in each hierarchy;
+nothing outside it is ever touched. The job id (checked by state.check_job_id)
+names the job's cgroup.
+"""
+import os
+import signal
+import time
+from typing import NamedTuple, Optional, Sequence
+
+from ..errors import CgroupError
+
+__all__ = ["CONTROLLERS_V1", "Layout", "Limits", "Usage", "JobCgroup", "detect", "job_cgroup",
+           "read_file", "write_file", "keyed"]
+
+# v1 controllers we use; memory and cpuacct are required, the others optional.
+CONTROLLERS_V1 = ("memory", "cpuacct", "cpu", "freezer", "pids")
+_POLL = 0.01
+
+
+class Layout(NamedTuple):
+    """Where the node's cgroup controllers are mounted."""
+
+    version: int                  # 1 or 2
+    v1: dict[str, str]            # controller -> mount point (version 1)
+    v2: Optional[str]             # the cgroup2 mount (version 2)
+
+
+class Limits(NamedTuple):
+    """What the job may use, from its Resource_List and the site's policy."""
+
+    mem_request: Optional[int] = None   # bytes
+    policy: str = "hard"                # hard | soft | none
+    mem_cap: Optional[int] = None       # soft: the hard limit (None: none)
+    memsw: Optional[int] = None         # memory + swap (v1 memsw; v2 swap.max = memsw - mem)
+    pids_max: Optional[int] = None
+    cpus: int = 1
+
+
+class Usage(NamedTuple):
+    """What the job used, in normalised units; None where the kernel does not tell."""
+
+    cpu_user_usec: int
+    cpu_system_usec: int
+    mem_peak_bytes: Optional[int]
+    mem_anon_bytes: Optional[int]
+    mem_file_bytes: Optional[int]
+    swap_peak_bytes: Optional[int]
+    oom_kills: int
+    mem_limit_bytes: Optional[int]
+
+
+def read_file(path: str) -> str:
+    """A cgroup file's text; CgroupError if it cannot be read."""
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError as e:
+        raise CgroupError(f"can't read {path}: {e.strerror}") from e
+
+
+def write_file(path: str, value: str) -> None:
+    """Write one value to a cgroup file; CgroupError (with errno) on failure."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        raise CgroupError(f"can't open {path}: {e.strerror}") from e
+    try:
+        os.write(fd, value.encode())
+    except OSError as e:
+        raise CgroupError(f"can't write {value!r} to {path}: {e.strerror}") from e
+    finally:
+        os.close(fd)
+
+
+def keyed(text: str) -> dict[str, int]:
+    """'key value' lines (memory.stat, cpu.stat, memory.events ...) as a dict of ints."""
+    out = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(" ")
+        if value.strip().lstrip("-").isdigit():
+            out[key] = int(value)
+    return out
+
+
+class JobCgroup:
+    """A job's cgroup. Subclasses: cgroups.v1.CgroupV1, cgroups.v2.CgroupV2."""
+
+    version = 0
+
+    def __init__(self, name: str) -> None:
+        self.name = name  # PARENT/JOBID, relative to each hierarchy's root
+
+    def create(self) -> None:
+        """Make the job's cgroup (and our parent if needed); idempotent."""
+        raise NotImplementedError
+
+    def set_limits(self, limits: Limits) -> None:
+        """Apply memory, swap, pids and CPU-weight limits."""
+        raise NotImplementedError
+
+    def attach(self, pid: int) -> None:
+        """Move ``pid`` (and, later, all it forks) into the cgroup."""
+        raise NotImplementedError
+
+    def procs(self) -> list[int]:
+        """Pids in the cgroup ([] if it does not exist)."""
+        raise NotImplementedError
+
+    def usage(self) -> Usage:
+        """Accounting, read before removal."""
+        raise NotImplementedError
+
+    def remove(self) -> None:
+        """Remove the (empty) cgroup; idempotent."""
+        raise NotImplementedError
+
+    def exists(self) -> bool:
+        raise NotImplementedError
+
+    def _freeze(self, frozen: bool) -> bool:
+        """Freeze or thaw; False if this node cannot freeze."""
+        return False
+
+    def _kill_all_at_once(self) -> bool:
+        """Kill every process in one step (v2 cgroup.kill); False if unsupported."""
+        return False
+
+    def kill(self, timeout: float) -> int:
+        """SIGKILL everything in the cgroup and wait until it is empty; return how many.
+
+        Frozen first, so nothing forks away between reading the list and the
+        kill. A process that outlives ``timeout`` (D state, or frozen by a
+        foreign freezer) is a CgroupError: a site fault.
+        """
+        deadline = time.monotonic() + timeout
+        killed: set[int] = set()
+        if self._kill_all_at_once():
+            killed.update(self.procs())
+        else:
+            frozen = self._freeze(True)
+            try:
+                for pid in self.procs():
+                    _sigkill(pid)
+                    killed.add(pid)
+            finally:
+                if frozen:
+                    self._freeze(False)
+        left = self.procs()
+        while left:
+            if time.monotonic() > deadline:
+                raise CgroupError(f"cgroup {self.name}: {len(left)} process(es) survive SIGKILL "
+                                  f"after {timeout:.0f} s: {_describe(left)}")
+            for pid in left:  # forked before the freeze took hold, or no freezer
+                _sigkill(pid)
+                killed.add(pid)
+            time.sleep(_POLL)
+            left = self.procs()
+        return len(killed)
+
+
+def _sigkill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _describe(pids: Sequence[int]) -> str:
+    out = []
+    for pid in pids[:5]:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)
+            out.append(f"{pid} ({fields[0].split('(', 1)[1]}, state {fields[1].split()[0]})")
+        except (OSError, IndexError):
+            out.append(str(pid))
+    return ", ".join(out)
+
+
+def detect(table: Optional[Sequence[object]] = None) -> Layout:
+    """The node's cgroup layout: v1 if the v1 memory controller is mounted, else v2."""
+    from ..mounts import read_mountinfo
+    v1: dict[str, str] = {}
+    v2 = None
+    for m in (table if table is not None else read_mountinfo()):
+        if m.fstype == "cgroup":  # type: ignore[attr-defined]
+            for ctrl in CONTROLLERS_V1:
+                if ctrl in m.super_options and ctrl not in v1:  # type: ignore[attr-defined]
+                    v1[ctrl] = m.mount_point  # type: ignore[attr-defined]
+        elif m.fstype == "cgroup2" and v2 is None:  # type: ignore[attr-defined]
+            v2 = m.mount_point  # type: ignore[attr-defined]
+    if "memory" in v1:
+        if "cpuacct" not in v1:
+            raise CgroupError("cgroup v1 without the cpuacct controller: no CPU accounting")
+        return Layout(1, v1, v2)
+    if v2 is not None:
+        return Layout(2, {}, v2)
+    raise CgroupError("no cgroup memory controller mounted (neither v1 nor v2)")
+
+
+def job_cgroup(layout: Layout, parent: str, job_id: str) -> JobCgroup:
+    """The cgroup of ``job_id`` below ``parent``, for this node's layout."""
+    name = f"{parent}/{job_id}"
+    if layout.version == 1:
+        from .v1 import CgroupV1
+        return CgroupV1(name, layout.v1)
+    from .v2 import CgroupV2
+    assert layout.v2 is not None
+    return CgroupV2(name, layout.v2)
