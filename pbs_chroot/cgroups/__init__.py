@@ -5,6 +5,7 @@ removed below one configured parent (e.g. ``pbs_chroot``) in each hierarchy;
 nothing outside it is ever touched. The job id (checked by state.check_job_id)
 names the job's cgroup.
 """
+import errno
 import os
 import signal
 import time
@@ -13,7 +14,7 @@ from typing import NamedTuple, Optional, Sequence
 from ..errors import CgroupError
 
 __all__ = ["CONTROLLERS_V1", "Layout", "Limits", "Usage", "JobCgroup", "detect", "job_cgroup",
-           "read_file", "write_file", "keyed"]
+           "read_file", "write_file", "keyed", "make_dir", "remove_dir"]
 
 # v1 controllers we use; memory and cpuacct are required, the others optional.
 CONTROLLERS_V1 = ("memory", "cpuacct", "cpu", "freezer", "pids")
@@ -73,6 +74,27 @@ def write_file(path: str, value: str) -> None:
         raise CgroupError(f"can't write {value!r} to {path}: {e.strerror}") from e
     finally:
         os.close(fd)
+
+
+def make_dir(path: str) -> None:
+    """mkdir a cgroup; fine if it exists."""
+    try:
+        os.mkdir(path, 0o755)
+    except FileExistsError:
+        pass
+    except OSError as e:
+        raise CgroupError(f"can't create cgroup {path}: {e.strerror}") from e
+
+
+def remove_dir(path: str) -> None:
+    """rmdir an (empty) cgroup; fine if it is gone."""
+    try:
+        os.rmdir(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        hint = " (processes left)" if e.errno == errno.EBUSY else ""
+        raise CgroupError(f"can't remove cgroup {path}: {e.strerror}{hint}") from e
 
 
 def keyed(text: str) -> dict[str, int]:

@@ -4,13 +4,13 @@ Run as root by the hooks and the runner; files as in the kernel's
 Documentation/admin-guide/cgroup-v1/. Only directories below the configured
 parent are created, written and removed.
 """
-import errno
 import os
 import time
 from typing import Optional
 
 from ..errors import CgroupError
-from . import CONTROLLERS_V1, JobCgroup, Limits, Usage, keyed, read_file, write_file
+from . import (CONTROLLERS_V1, JobCgroup, Limits, Usage, keyed, make_dir, read_file,
+               remove_dir, write_file)
 
 __all__ = ["CgroupV1"]
 
@@ -35,13 +35,8 @@ class CgroupV1(JobCgroup):
 
     def create(self) -> None:
         for path in self._unique_dirs():
-            for d in (os.path.dirname(path), path):
-                try:
-                    os.mkdir(d, 0o755)
-                except FileExistsError:
-                    continue
-                except OSError as e:
-                    raise CgroupError(f"can't create cgroup {d}: {e.strerror}") from e
+            make_dir(os.path.dirname(path))
+            make_dir(path)
 
     def set_limits(self, limits: Limits) -> None:
         mem = limits.mem_request
@@ -108,13 +103,7 @@ class CgroupV1(JobCgroup):
 
     def remove(self) -> None:
         for path in self._unique_dirs():
-            try:
-                os.rmdir(path)
-            except FileNotFoundError:
-                continue
-            except OSError as e:
-                hint = " (processes left)" if e.errno == errno.EBUSY else ""
-                raise CgroupError(f"can't remove cgroup {path}: {e.strerror}{hint}") from e
+            remove_dir(path)
 
     def exists(self) -> bool:
         return any(os.path.isdir(p) for p in self._unique_dirs())

@@ -6,13 +6,12 @@ it are created and written: the controllers must already be enabled in the
 subtree_control of the parent's parent (under systemd: a delegated unit, see
 the README).
 """
-import errno
 import os
 import time
 from typing import Optional
 
 from ..errors import CgroupError
-from . import JobCgroup, Limits, Usage, keyed, read_file, write_file
+from . import JobCgroup, Limits, Usage, keyed, make_dir, read_file, remove_dir, write_file
 
 __all__ = ["CgroupV2"]
 
@@ -34,7 +33,7 @@ class CgroupV2(JobCgroup):
 
     def create(self) -> None:
         if not os.path.isdir(self.parent):
-            _mkdir(self.parent)
+            make_dir(self.parent)
         available = read_file(os.path.join(self.parent, "cgroup.controllers")).split()
         missing = [c for c in ("memory", "cpu") if c not in available]
         if missing:
@@ -46,7 +45,7 @@ class CgroupV2(JobCgroup):
         if todo:
             write_file(os.path.join(self.parent, "cgroup.subtree_control"),
                        " ".join("+" + c for c in todo))
-        _mkdir(self.path)
+        make_dir(self.path)
 
     def set_limits(self, limits: Limits) -> None:
         mem = limits.mem_request
@@ -107,25 +106,10 @@ class CgroupV2(JobCgroup):
                      mem_limit_bytes=_optional_int(self._file("memory.max")))
 
     def remove(self) -> None:
-        try:
-            os.rmdir(self.path)
-        except FileNotFoundError:
-            return
-        except OSError as e:
-            hint = " (processes left)" if e.errno == errno.EBUSY else ""
-            raise CgroupError(f"can't remove cgroup {self.path}: {e.strerror}{hint}") from e
+        remove_dir(self.path)
 
     def exists(self) -> bool:
         return os.path.isdir(self.path)
-
-
-def _mkdir(path: str) -> None:
-    try:
-        os.mkdir(path, 0o755)
-    except FileExistsError:
-        pass
-    except OSError as e:
-        raise CgroupError(f"can't create cgroup {path}: {e.strerror}") from e
 
 
 def _optional_int(path: str) -> Optional[int]:
