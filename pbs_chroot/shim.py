@@ -3,7 +3,8 @@
 Started as root (never setuid) by the local runner, and later by batch
 systems that do not chroot natively. Trusts its arguments, which come from
 root; trusts nothing in the image. Imports only _sys and errors, so that it
-starts fast. Exit codes: 125 its own setup failed, 126 the command is not
+starts fast; everything is imported before the chroot (the image has no
+Python). Exit codes: 125 its own setup failed, 126 the command is not
 executable, 127 it was not found; otherwise it execs and never returns.
 
     python3 -I -m pbs_chroot.shim --root DIR --user NAME [--setenv K=V]... -- CMD [ARG...]
@@ -11,6 +12,7 @@ executable, 127 it was not found; otherwise it execs and never returns.
 import errno
 import os
 import pwd
+import signal
 import sys
 from typing import NoReturn, Optional, Sequence
 
@@ -53,7 +55,7 @@ class ShimArgs:
 
 
 def enter_and_exec(args: ShimArgs) -> NoReturn:
-    """Steps 1-8 of STYLE.md §5, in order; each failure is a ShimError."""
+    """Steps 1-8 of STYLE.md §5 (plus a new session), in order; each failure is a ShimError."""
     assert args.root is not None and args.user is not None
     if os.geteuid() != 0 or os.getuid() != 0:
         raise ShimError("must be started by root (and is never installed setuid)")
@@ -66,7 +68,12 @@ def enter_and_exec(args: ShimArgs) -> NoReturn:
         raise ShimError("refusing to run a job as root")
     groups = os.getgrouplist(pw.pw_name, pw.pw_gid)
     # 2. (the job's cgroup is joined here once cgroups exist)
-    # 3. Enter the stage. chdir first: chroot(2) does not change the cwd.
+    # 3. A session of its own, so the job has no controlling terminal: with the
+    #    admin's tty it could push input into the admin's root shell
+    #    (TIOCSTI, tty_ioctl(4); bubblewrap's CVE-2017-5226).
+    _new_session()
+    fds = _open_fds()
+    # Enter the stage. chdir first: chroot(2) does not change the cwd.
     try:
         os.chdir(args.root)
         os.chroot(".")
@@ -87,7 +94,9 @@ def enter_and_exec(args: ShimArgs) -> NoReturn:
         _sys.prctl(_sys.PR_SET_NO_NEW_PRIVS, 1)
     except OSError as e:
         raise ShimError(f"can't set no_new_privs: {e.strerror}") from e
-    # 7. A clean environment, a home if the image has it, no inherited fds.
+    # 7. A clean environment, a home if the image has it, no inherited fds,
+    #    default signal dispositions (Python ignores SIGPIPE and SIGXFSZ), and
+    #    Torque's job umask.
     env = {"HOME": pw.pw_dir, "USER": pw.pw_name, "LOGNAME": pw.pw_name, "PATH": PATH,
            "SHELL": pw.pw_shell}
     env.update(args.env)
@@ -95,7 +104,13 @@ def enter_and_exec(args: ShimArgs) -> NoReturn:
         os.chdir(pw.pw_dir)
     except OSError:
         os.chdir("/")
-    os.closerange(3, _max_fd())
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _default_signals()
+    os.umask(0o077)
     # 8. exec, as execvp(3) would search PATH, but in the clean environment.
     _exec(args.cmd, env)
 
@@ -113,11 +128,35 @@ def _check_dropped(uid: int, gid: int, groups: list[int]) -> None:
     raise ShimError("setuid(0) still works after the privilege drop")
 
 
-def _max_fd() -> int:
+def _new_session() -> None:
+    """setsid(2); a process-group leader cannot, so it forks and waits, as setsid -w."""
     try:
-        return int(os.sysconf("SC_OPEN_MAX"))
-    except (OSError, ValueError):
-        return 1024
+        os.setsid()
+        return
+    except PermissionError:
+        pass
+    pid = os.fork()
+    if pid:
+        _, status = os.waitpid(pid, 0)
+        code = os.waitstatus_to_exitcode(status)
+        os._exit(code if code >= 0 else 128 - code)
+    os.setsid()
+
+
+def _open_fds() -> list[int]:
+    """Descriptors above 2, listed while /proc is still the host's."""
+    return sorted(int(fd) for fd in os.listdir("/proc/self/fd") if int(fd) > 2)
+
+
+def _default_signals() -> None:
+    for sig in range(1, signal.NSIG):
+        if sig in (signal.SIGKILL, signal.SIGSTOP):
+            continue
+        try:
+            signal.signal(sig, signal.SIG_DFL)
+        except (OSError, ValueError):
+            continue  # signals Python will not touch (e.g. 32, 33 used by glibc)
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
 
 
 def _exec(cmd: Sequence[str], env: dict[str, str]) -> NoReturn:

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from pbs_chroot import config, stage
+from pbs_chroot.state import ensure_layout
 from tests.conftest import (EXTRA_GID, GID, UID, USER, Site, home_of, mount_points,
                             pbs_chroot_cli)
 
@@ -37,6 +39,61 @@ def test_job_runs_in_the_image_as_the_user(site: Site) -> None:
     assert mount_points() == before
     assert site.state_files() == ["audit", "audit/" + os.listdir(site.state / "audit")[0],
                                   "jobs", "lock", "stages"]
+
+
+def _run_on_a_pty(argv: list) -> tuple[int, str]:
+    """Run argv with a fresh pty as its controlling terminal, as an admin's shell would."""
+    import fcntl
+    import termios
+    master, slave = os.openpty()
+
+    def take_tty() -> None:
+        os.setsid()
+        fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
+    p = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, preexec_fn=take_tty)
+    os.close(slave)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # EIO: every holder of the slave side is gone
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(master)
+    return p.wait(60), out.decode(errors="replace").replace("\r\n", "\n")
+
+
+def test_job_cannot_reach_the_admins_terminal(site: Site) -> None:
+    """The job has no controlling tty (so no TIOCSTI into the admin's root shell), its
+    own session, default signals and Torque's umask."""
+    site.write_config()
+    cmd = [sys.executable, "-m", "pbs_chroot", "--config", str(site.config), "run", "--image",
+           str(site.image), "--user", USER, "--", "/bin/sh", "-c",
+           "cat /proc/self/stat; grep -E '^Sig(Blk|Ign)' /proc/self/status; umask"]
+    code, out = _run_on_a_pty(cmd)
+    assert code == 0, out
+    lines = out.splitlines()
+    fields = lines[0].rsplit(")", 1)[1].split()
+    assert int(fields[4]) == 0, "the job has a controlling terminal"  # tty_nr
+    assert int(fields[3]) != os.getsid(0)
+    assert lines[1:4] == ["SigBlk:\t0000000000000000", "SigIgn:\t0000000000000000", "0077"]
+    # The shim started as a session leader (setsid fails: EPERM) forks, then setsid()s.
+    cfg = config.load(str(site.config))
+    ensure_layout(cfg.state_dir)
+    stage.join(cfg, "shim.1", str(site.version))
+    try:
+        p = subprocess.Popen([sys.executable, "-I", "-m", "pbs_chroot.shim", "--root",
+                              str(site.version), "--user", USER, "--", "/bin/cat",
+                              "/proc/self/stat"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             start_new_session=True, text=True)
+        out, err = p.communicate(timeout=60)
+    finally:
+        stage.leave(cfg, "shim.1", str(site.version))
+    assert p.returncode == 0, err
+    sid = int(out.rsplit(")", 1)[1].split()[3])
+    assert sid not in (p.pid, os.getsid(0))  # a session of the shim's own child
 
 
 def test_exit_status_and_environment_are_clean(site: Site) -> None:
