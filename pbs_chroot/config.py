@@ -190,7 +190,8 @@ def _number(path: str, key: str, value: str, kind: str) -> Optional[int]:
     if value in ("", "0", "none"):
         return None
     from .resources import parse_size
-    n = parse_size(value) if kind == "size" else (int(value) if value.isdigit() else None)
+    n = parse_size(value) if kind == "size" else (
+        int(value) if value.isascii() and value.isdigit() else None)
     if not n:
         raise ConfigError(f"config {path}: {key}: can't read {value!r} as a "
                           f"{'size like 64gb' if kind == 'size' else 'whole number'}")

@@ -42,6 +42,7 @@ def epilogue_main(argv: Sequence[str], config_path: str = config_mod.DEFAULT_PAT
 
 
 def _prologue(cfg: Config, argv: Sequence[str]) -> None:
+    _shun_oom_killer()  # first thing once syslog is set up
     if len(argv) < _PROLOGUE_ARGS + 1:
         raise SiteError(f"prologue called with {len(argv) - 1} arguments, pbs_mom passes "
                         f"at least {_PROLOGUE_ARGS}")
@@ -59,6 +60,17 @@ def _prologue(cfg: Config, argv: Sequence[str]) -> None:
     if image is not None:
         logger.info("job %s (user %s, queue %s) runs in image %s (version %s)",
                     job.job_id, job.user, job.queue, image.path, version)
+
+
+def _shun_oom_killer() -> None:
+    """Never be the OOM killer's pick: pbs_mom takes a prologue killed by a signal
+    for a success (run_pelog reads WEXITSTATUS only) and starts the job, even
+    one whose request the gate had not yet checked."""
+    try:
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write("-1000")
+    except OSError as e:
+        logger.warning("can't protect the prologue from the OOM killer: %s", e.strerror)
 
 
 def _future_job_process(argv0: str) -> Optional[int]:

@@ -138,7 +138,7 @@ def _account(cfg: Config, record: dict[str, Any], usage: cgroups.Usage, version:
             "node": cfg.node_name or os.uname().nodename.split(".")[0],
             "image": record.get("image"), "version": record.get("version"),
             "start": record.get("start"), "end": time.time(),
-            "exit": int(exit_status) if exit_status.lstrip("-").isdigit() else None,
+            "exit": _exit_code(exit_status),
             "cgroup_version": version, **usage._asdict()}
     accounting.append(cfg.accounting_log, acct)
     log.info("job %s accounting: user %s cpu %.1f s user + %.1f s system, peak memory %s, "
@@ -146,6 +146,11 @@ def _account(cfg: Config, record: dict[str, Any], usage: cgroups.Usage, version:
              usage.cpu_user_usec / 1e6, usage.cpu_system_usec / 1e6, usage.mem_peak_bytes,
              usage.oom_kills, acct["image"])
     return acct
+
+
+def _exit_code(text: str) -> Optional[int]:
+    digits = text[1:] if text.startswith("-") else text
+    return int(text) if digits.isascii() and digits.isdigit() and len(digits) < 10 else None
 
 
 def _best_effort(fn: Callable[..., Any], *args: Any) -> None:

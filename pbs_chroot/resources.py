@@ -2,7 +2,8 @@
 
 Run as root by the prologue and the runner. The text comes from the server
 (the user chose the values, within what the server accepted): parsed
-strictly; anything unparsable is ignored for limits, never guessed.
+strictly, ASCII digits only; anything unparsable is ignored for limits,
+never guessed, and never an error.
 """
 import re
 from typing import Optional
@@ -11,7 +12,8 @@ from .cgroups import Limits
 
 __all__ = ["parse_size", "parse_resource_list", "limits_for"]
 
-_SIZE = re.compile(r"(\d+)(b|kb|mb|gb|tb|pb|w|kw|mw|gw|tw)?\Z", re.IGNORECASE)
+_SIZE = re.compile(r"([0-9]{1,15})(b|kb|mb|gb|tb|pb|w|kw|mw|gw|tw)?\Z", re.IGNORECASE)
+_COUNT = re.compile(r"[0-9]{1,6}\Z")
 _SHIFT = {"b": 0, "kb": 10, "mb": 20, "gb": 30, "tb": 40, "pb": 50}
 
 
@@ -36,16 +38,17 @@ def parse_resource_list(text: str) -> dict[str, str]:
     return out
 
 
+def _count(text: str) -> int:
+    """An ASCII count, else 0 ('²'.isdigit() is True, and int('²') raises)."""
+    return int(text) if _COUNT.match(text) else 0
+
+
 def _cores(res: dict[str, str]) -> tuple[int, int]:
     """(cores on this node, number of nodes) from nodes=N:ppn=P or ncpus=N."""
-    nodes_spec = res.get("nodes", "")
-    first = nodes_spec.split("+")[0]
-    parts = first.split(":")
-    nodes = int(parts[0]) if parts and parts[0].isdigit() else 1
-    ppn = next((int(p[4:]) for p in parts[1:] if p.startswith("ppn=") and p[4:].isdigit()), 0)
-    if not ppn and res.get("ncpus", "").isdigit():
-        ppn = int(res["ncpus"])
-    return max(1, ppn), max(1, nodes)
+    parts = res.get("nodes", "").split("+")[0].split(":")
+    nodes = _count(parts[0])
+    ppn = next((_count(p[4:]) for p in parts[1:] if p.startswith("ppn=")), 0)
+    return max(1, ppn or _count(res.get("ncpus", ""))), max(1, nodes)
 
 
 def limits_for(resource_list: str, policy: str, mem_cap: Optional[int], limit_swap: bool,

@@ -54,7 +54,14 @@ def join(cfg: Config, job_id: str, version: str) -> None:
     with node_lock(cfg.state_dir, cfg.lock_timeout):
         steps = mounts.plan(version, bind_set(cfg))
         info = read_json(os.path.join(sdir, "info.json"))
-        if not _is_intact(info, version, steps):
+        problem = _problem(info, version, steps)
+        if problem and _in_use(sdir, info, version):
+            # Never pull mounts from under running jobs: the stage stays as it
+            # is (e.g. made before a config change) until its last job leaves.
+            log.warning("stage %s differs from its plan (%s); %d job(s) use it, so it is "
+                        "kept as it is until they have left", version, problem,
+                        len(members(sdir)))
+        elif problem:
             _build(cfg, sdir, version, steps, info)
         _touch(os.path.join(sdir, "members", job_id))
     log.info("job %s joined stage %s", job_id, version)
@@ -88,15 +95,23 @@ def _keep(info: Optional[Any]) -> frozenset[int]:
     return frozenset(info.get("pre", ())) if isinstance(info, dict) else frozenset()
 
 
-def _is_intact(info: Optional[Any], version: str, steps: list[mounts.MountStep]) -> bool:
+def _problem(info: Optional[Any], version: str, steps: list[mounts.MountStep]) -> str:
+    """Why the stage is not as planned ('' if it is)."""
     if not _is_ready(info):
-        return False
+        return "not set up"
     try:
         mounts.verify(version, steps, _keep(info))
     except mounts.MountError as e:
-        log.warning("stage %s is damaged (%s): rebuilding it", version, e.detail)
+        return e.detail
+    return ""
+
+
+def _in_use(sdir: str, info: Optional[Any], version: str) -> bool:
+    """Jobs are in the stage and its root is still mounted (there is something to keep)."""
+    if not _is_ready(info) or not members(sdir):
         return False
-    return True
+    table = mounts.mounts_below(version, mounts.read_mountinfo(), _keep(info))
+    return any(m.mount_point == version for m in table)
 
 
 def _build(cfg: Config, sdir: str, version: str, steps: list[mounts.MountStep],
@@ -127,7 +142,9 @@ def _destroy(sdir: str, version: str) -> None:
     # info.json is written before the first mount: without it we mounted
     # nothing here, and whatever is mounted there is not ours to remove.
     n = mounts.teardown(version, _keep(info)) if info is not None else 0
-    for path in (os.path.join(sdir, "info.json"), os.path.join(sdir, "members"), sdir):
+    # Whatever a killed writer left (info.json.tmp.PID) goes too.
+    leftovers = [os.path.join(sdir, n) for n in _listdir(sdir) if n != "members"]
+    for path in leftovers + [os.path.join(sdir, "members"), sdir]:
         try:
             (os.rmdir if os.path.isdir(path) else os.unlink)(path)
         except FileNotFoundError:
@@ -135,6 +152,13 @@ def _destroy(sdir: str, version: str) -> None:
         except OSError as e:
             raise StateError(f"can't remove stage state {path}: {e.strerror}") from e
     log.info("stage %s torn down (%d mounts)", version, n)
+
+
+def _listdir(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except FileNotFoundError:
+        return []
 
 
 def _touch(path: str) -> None:

@@ -196,7 +196,8 @@ def _describe(pids: Sequence[int]) -> str:
         try:
             with open(f"/proc/{pid}/stat") as f:
                 fields = f.read().rsplit(")", 1)
-            out.append(f"{pid} ({fields[0].split('(', 1)[1]}, state {fields[1].split()[0]})")
+            comm = fields[0].split("(", 1)[1].encode("unicode_escape").decode("ascii")
+            out.append(f"{pid} ({comm}, state {fields[1].split()[0]})")  # comm: user's text
         except (OSError, IndexError):
             out.append(str(pid))
     return ", ".join(out)

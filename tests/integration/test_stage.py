@@ -92,11 +92,33 @@ def test_members_share_one_stage(site: Site) -> None:
     assert below(site.version) == []
 
 
-def test_damaged_stage_is_rebuilt(site: Site) -> None:
+def test_stage_in_use_is_never_rebuilt(site: Site) -> None:
+    """A damaged stage, or one made before a config change, stays until its jobs leave."""
     cfg = load(site)
     v = str(site.version)
     stage.join(cfg, "1.vm", v)
-    _sys.umount2(v + "/proc")
+    _sys.umount2(v + "/proc")  # damage it while job 1 runs
+    first = below(site.version)
+    # The config changes: a new bind, whose source appears.
+    extra = site.base / "data"
+    extra.mkdir()
+    site.write_config(extra=f"[binds]\n/proc = proc\n/home = /home rec\n/data = {extra} ro\n")
+    cfg = config.load(str(site.config))
+    stage.join(cfg, "2.vm", v)
+    assert below(site.version) == first  # nothing torn down under job 1
+    stage.leave(cfg, "1.vm", v)
+    stage.leave(cfg, "2.vm", v)
+    assert below(site.version) == []
+    stage.join(cfg, "3.vm", v)  # the next stage follows the new plan
+    assert below(site.version) == [v, v + "/proc", v + "/home", v + "/data"]
+    stage.leave(cfg, "3.vm", v)
+
+
+def test_stage_whose_root_is_gone_is_rebuilt_even_with_members(site: Site) -> None:
+    cfg = load(site)
+    v = str(site.version)
+    stage.join(cfg, "1.vm", v)
+    mounts.teardown(v)  # e.g. an admin's umount -R: job 1 has lost everything anyway
     stage.join(cfg, "2.vm", v)
     assert v + "/proc" in below(site.version)
     stage.leave(cfg, "1.vm", v)
@@ -166,3 +188,14 @@ def test_unknown_bind_source_is_a_site_fault(site: Site) -> None:
     with pytest.raises(MountError, match="nonexistent"):
         stage.join(cfg, "1.vm", str(site.version))
     assert below(site.version) == []
+
+
+def test_leftover_temp_file_does_not_block_teardown(site: Site) -> None:
+    """A writer killed inside write_json leaves info.json.tmp.PID behind."""
+    cfg = load(site)
+    v = str(site.version)
+    stage.join(cfg, "1.vm", v)
+    sdir = Path(stage.stage_dir(cfg, v))
+    (sdir / "info.json.tmp.99999").write_text("{")
+    assert stage.leave(cfg, "1.vm", v) is True
+    assert not sdir.exists() and below(site.version) == []

@@ -66,3 +66,12 @@ def test_allowed_list_is_filtered_per_user_and_queue() -> None:
 def test_show_escapes_and_truncates() -> None:
     assert gate.show("a\nb") == "a\\nb"
     assert gate.show("/" + "x" * 500).endswith("...") and len(gate.show("x" * 500)) == 123
+
+
+@pytest.mark.parametrize("rl", ["nodes=1:ppn=\u00b2", "nodes=\u0663:ppn=2,mem=\u00b2mb",
+                                "ncpus=1e9,mem=-5gb,pmem=,vmem=x", ",,=,nodes",
+                                "nodes=1:ppn=" + "9" * 40])
+def test_odd_resource_lists_never_raise(rl: str) -> None:
+    from pbs_chroot.resources import limits_for
+    lim = limits_for(rl, "hard", None, True, None)
+    assert lim.cpus >= 1 and (lim.mem_request is None or lim.mem_request > 0)
