@@ -12,7 +12,8 @@ from typing import Optional
 
 from .errors import UnsafePathError
 
-__all__ = ["check_admin_stat", "resolve_admin_path", "open_in_root", "has_dotdot"]
+__all__ = ["check_admin_stat", "resolve_admin_path", "check_version_private", "open_in_root",
+           "has_dotdot"]
 
 _MAX_LINKS = 40
 _O_PATH = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -87,6 +88,23 @@ def resolve_admin_path(path: str, sticky_ok: bool = False) -> str:
         return "/" + "/".join(done)
     finally:
         os.close(fd)
+
+
+def check_version_private(version: str) -> None:
+    """Refuse an image version that host users can reach outside its stage.
+
+    Only the stage is nosuid: through the raw directory, a user on the node
+    could run the image's setuid programs (an old sudo or pkexec) as root,
+    or plant files in its world-writable directories. The directory holding
+    the versions must give group and others no access; pbs_mom and the shim
+    chroot as root and do not need it.
+    """
+    parent = os.path.dirname(version)
+    mode = stat.S_IMODE(os.stat(parent).st_mode)
+    if mode & 0o077:
+        raise UnsafePathError(f"image versions in {parent} are reachable by users (mode "
+                              f"{mode:04o}): make it 0700, or users can run the image's "
+                              "setuid programs outside the nosuid stage")
 
 
 def _reopen(fd: int, components: list[str]) -> int:

@@ -201,8 +201,9 @@ class Site:
             os.chmod(d, 0o755)
         self.base = base
         self.versions = base / "images" / "sl5"
-        self.versions.mkdir(parents=True, mode=0o755)
+        self.versions.mkdir(parents=True, mode=0o700)
         os.chmod(base / "images", 0o755)
+        os.chmod(self.versions, 0o700)  # raw versions are root's only
         self.version = self.versions / "v1"
         # cp -a, not copytree: images hold device nodes (debootstrap's /dev/console).
         subprocess.run(["cp", "-a", str(image_src), str(self.version)], check=True)

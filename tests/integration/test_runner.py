@@ -1,6 +1,5 @@
 """`pbs-chroot run` and the exec shim, on real mounts, chroot and privilege drop."""
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -105,18 +104,6 @@ def test_exit_status_and_environment_are_clean(site: Site) -> None:
     assert res.returncode == 7
     names = {line.split("=")[0] for line in res.stdout.splitlines()}
     assert names <= {"HOME", "USER", "LOGNAME", "PATH", "SHELL", "PBS_JOBID", "PWD", "SHLVL"}
-
-
-def test_setuid_root_binary_in_the_image_gives_no_root(site: Site) -> None:
-    site.write_config()
-    (site.version / "suid").mkdir()
-    suid = site.version / "suid" / "busybox"
-    shutil.copy(site.version / "bin" / "busybox", suid)
-    os.chmod(suid, 0o4755)
-    assert os.stat(suid).st_mode & 0o4000 and os.stat(suid).st_uid == 0
-    res = run(site, "/suid/busybox", "grep", "^Uid", "/proc/self/status")
-    assert res.returncode == 0, res.stderr
-    assert res.stdout.split() == ["Uid:"] + [str(UID)] * 4
 
 
 def test_refused_image_and_user(site: Site) -> None:
