@@ -13,9 +13,9 @@ import time
 from typing import Optional, Sequence
 
 from . import config as config_mod
-from . import gate, lifecycle, log
+from . import gate, lifecycle, log, report
 from .errors import ConfigError, PbsChrootError, UserError
-from .paths import resolve_admin_path
+from .paths import check_version_private, resolve_admin_path
 from .state import ensure_layout
 
 __all__ = ["main", "render_hook", "install"]
@@ -119,7 +119,10 @@ def _check_importable(python: str) -> str:
     probe = "import os, pbs_chroot; print(os.path.dirname(pbs_chroot.__file__))"
     pkg = _probe(python, "-I", probe, "cannot import pbs_chroot")
     libdir = os.path.dirname(pkg)
-    resolve_admin_path(pkg, sticky_ok=True)
+    # Ancestors may be sticky (a checkout under /tmp); the sys.path entry itself
+    # may not: anyone could add e.g. pbs.py there, which the hook imports as root.
+    resolve_admin_path(libdir, sticky_ok=True)
+    resolve_admin_path(pkg)
     for name in os.listdir(pkg):
         st = os.lstat(os.path.join(pkg, name))
         if st.st_uid != 0 or st.st_mode & 0o022:
@@ -152,6 +155,7 @@ def run(cfg_path: str, image: str, user: Optional[str], cmd: Sequence[str]) -> i
     user = user or _default_user()
     allowed = gate.check_value(image, cfg, user, "local")
     version = resolve_admin_path(allowed.path)
+    check_version_private(version)
     job = lifecycle.Job(f"run-{os.getpid()}-{int(time.time())}."
                         f"{os.uname().nodename.split('.')[0]}", user, "", "local", "")
     ensure_layout(cfg.state_dir)
@@ -220,7 +224,9 @@ def check(cfg_path: str) -> int:
     bad = 0
     for img in cfg.images:
         try:
-            print(f"image {img.path} -> {resolve_admin_path(img.path)}: OK")
+            version = resolve_admin_path(img.path)
+            check_version_private(version)
+            print(f"image {img.path} -> {version}: OK")
         except PbsChrootError as e:
             bad += 1
             print(f"image {img.path}: REFUSED: {e.detail}")
@@ -245,6 +251,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--user", help="job user (default: $SUDO_USER, else nobody)")
     r.add_argument("cmd", nargs="+", help="the command (after --)")
     sub.add_parser("check", help="validate the config and the images")
+    report.add_arguments(sub.add_parser(
+        "report", help="jobs, CPU hours, peak memory and OOM kills per user and per image"))
     return p
 
 
@@ -261,6 +269,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 0
         if args.command == "run":
             return run(args.config, args.image, args.user, args.cmd)
+        if args.command == "report":
+            return report.main_report(args)
         return check(args.config)
     except UserError as e:
         print(f"pbs-chroot: {e.detail}", file=sys.stderr)

@@ -32,6 +32,12 @@ class Layout(NamedTuple):
 class Limits(NamedTuple):
     """What the job may use, from its Resource_List and the site's policy."""
 
+    def hard_memory(self) -> Optional[int]:
+        """The hard memory limit: the request (hard), the cap (soft), and with swap
+        limited but no other limit, the memory+swap figure itself."""
+        hard = {"hard": self.mem_request, "soft": self.mem_cap}.get(self.policy)
+        return hard or (self.memsw if self.policy != "none" else None)
+
     mem_request: Optional[int] = None   # bytes
     policy: str = "hard"                # hard | soft | none
     mem_cap: Optional[int] = None       # soft: the hard limit (None: none)
@@ -159,8 +165,9 @@ class JobCgroup:
         """
         deadline = time.monotonic() + timeout
         killed: set[int] = set()
+        listed = self.procs()  # before: killed processes leave cgroup.procs at once
         if self._kill_all_at_once():
-            killed.update(self.procs())
+            killed.update(listed)
         else:
             frozen = self._freeze(True)
             try:

@@ -39,19 +39,16 @@ class CgroupV1(JobCgroup):
             make_dir(path)
 
     def set_limits(self, limits: Limits) -> None:
-        mem = limits.mem_request
-        if limits.policy == "hard" and mem:
-            write_file(self._file("memory", "memory.limit_in_bytes"), str(mem))
-        elif limits.policy == "soft":
-            if mem:
-                write_file(self._file("memory", "memory.soft_limit_in_bytes"), str(mem))
-            if limits.mem_cap:
-                write_file(self._file("memory", "memory.limit_in_bytes"), str(limits.mem_cap))
+        hard = limits.hard_memory()
+        if limits.policy == "soft" and limits.mem_request:
+            write_file(self._file("memory", "memory.soft_limit_in_bytes"),
+                       str(limits.mem_request))
+        if hard:
+            write_file(self._file("memory", "memory.limit_in_bytes"), str(hard))
         memsw = self._file("memory", "memory.memsw.limit_in_bytes")
-        if limits.memsw and limits.policy != "none" and os.path.exists(memsw):
-            # Must not be below memory.limit_in_bytes.
-            hard = self._limit()
-            write_file(memsw, str(max(limits.memsw, hard or 0)))
+        if hard and limits.memsw and limits.policy != "none" and os.path.exists(memsw):
+            # memsw may not be below memory.limit_in_bytes (EINVAL).
+            write_file(memsw, str(max(limits.memsw, hard)))
         if limits.pids_max and "pids" in self.dirs:
             write_file(self._file("pids", "pids.max"), str(limits.pids_max))
         if "cpu" in self.dirs:

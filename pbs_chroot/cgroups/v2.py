@@ -48,17 +48,14 @@ class CgroupV2(JobCgroup):
         make_dir(self.path)
 
     def set_limits(self, limits: Limits) -> None:
-        mem = limits.mem_request
-        if limits.policy == "hard" and mem:
-            write_file(self._file("memory.max"), str(mem))
-        elif limits.policy == "soft":
-            if mem:
-                write_file(self._file("memory.low"), str(mem))
-            if limits.mem_cap:
-                write_file(self._file("memory.max"), str(limits.mem_cap))
+        hard = limits.hard_memory()
+        if limits.policy == "soft" and limits.mem_request:
+            write_file(self._file("memory.low"), str(limits.mem_request))
+        if hard:
+            write_file(self._file("memory.max"), str(hard))
         swap = self._file("memory.swap.max")
-        if limits.memsw and limits.policy != "none" and os.path.exists(swap):
-            write_file(swap, str(max(0, limits.memsw - (mem or 0))))
+        if hard and limits.memsw and limits.policy != "none" and os.path.exists(swap):
+            write_file(swap, str(max(0, limits.memsw - hard)))  # memory+swap, as v1 memsw
         if limits.pids_max and os.path.exists(self._file("pids.max")):
             write_file(self._file("pids.max"), str(limits.pids_max))
         # cpu.weight 1..10000, 100 per core asked for.

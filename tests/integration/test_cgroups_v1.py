@@ -173,3 +173,26 @@ def test_every_job_gets_a_cgroup_with_its_limits(node: Node) -> None:
     assert acct["image"] is None and acct["mem_limit_bytes"] == 300 << 20
     assert not (Path(layout.v1["memory"]) / CG_PARENT / job.job_id).exists()
     assert fakes.read_pbsnodes_calls(node.emu.pbsnodes_log) == []
+
+
+@pytest.mark.parametrize("limits, mem, memsw", [
+    (cgroups.Limits(memsw=1 << 30), 1 << 30, 1 << 30),                     # vmem only
+    (cgroups.Limits(mem_request=256 << 20, policy="soft", memsw=1 << 30), 1 << 30, 1 << 30),
+    (cgroups.Limits(mem_request=256 << 20, memsw=1 << 30), 256 << 20, 1 << 30),
+    (cgroups.Limits(mem_request=2 << 30, policy="soft", mem_cap=4 << 30, memsw=1 << 30),
+     4 << 30, 4 << 30),
+])
+def test_swap_limits_are_consistent(limits: cgroups.Limits, mem: int, memsw: int) -> None:
+    """memsw never below the memory limit (EINVAL), and never 'no memory limit'."""
+    layout = _layout()
+    cg = cgroups.job_cgroup(layout, CG_PARENT, "swap.1")
+    cg.create()
+    try:
+        cg.set_limits(limits)
+        base = Path(layout.v1["memory"]) / CG_PARENT / "swap.1"
+        assert int((base / "memory.limit_in_bytes").read_text()) == mem
+        sw = base / "memory.memsw.limit_in_bytes"
+        if sw.exists():
+            assert int(sw.read_text()) == memsw
+    finally:
+        cg.remove()
