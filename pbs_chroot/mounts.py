@@ -193,6 +193,15 @@ def _mount_step(root_fd: int, version: str, step: MountStep) -> None:
     flags = _sys.MS_NOSUID | (0 if spec.dev else _sys.MS_NODEV) \
         | (_sys.MS_RDONLY if spec.readonly else 0) | (_sys.MS_NOEXEC if spec.noexec else 0)
     _remount(step.target, flags)
+    if spec.rec:
+        # The remount above changes the top mount only: give every submount
+        # the same protection, keeping its own ro/noexec. (Mounts that arrive
+        # later by propagation keep the host's flags.)
+        top = mounts_below(step.target, read_mountinfo())
+        for m in top:
+            if m.mount_point != step.target:
+                _remount(m.mount_point, flags | (_sys.MS_RDONLY if "ro" in m.options else 0)
+                         | (_sys.MS_NOEXEC if "noexec" in m.options else 0))
 
 
 def _remount(target: str, flags: int) -> None:
@@ -227,9 +236,12 @@ def verify(version: str, steps: Sequence[MountStep], keep: frozenset[int] = froz
             raise MountError(f"stage {version}: {step.target} is not mounted")
         want = {"nosuid"} | ({"ro"} if step.spec.readonly else set()) \
             | (set() if step.spec.dev else {"nodev"})
-        if not want <= m.options:
-            raise MountError(f"stage {version}: {step.target} has options "
-                             f"{','.join(sorted(m.options))}, want {','.join(sorted(want))}")
+        subs = [s for p, s in mounted.items() if step.spec.rec and p.startswith(step.target + "/")]
+        for sub in [m] + subs:
+            if not want <= sub.options:
+                raise MountError(f"stage {version}: {sub.mount_point} has options "
+                                 f"{','.join(sorted(sub.options))}, want "
+                                 f"{','.join(sorted(want))}")
 
 
 def teardown(version: str, keep: frozenset[int] = frozenset()) -> int:

@@ -9,9 +9,10 @@ recognised (its info.json never reached "ready") and rebuilt or removed.
 import logging
 import os
 import stat
+import time
 from typing import Any, Optional
 
-from . import mounts
+from . import gate, mounts
 from .config import BindSpec, Config
 from .errors import StateError
 from .state import check_job_id, node_lock, read_json, write_json
@@ -19,6 +20,8 @@ from .state import check_job_id, node_lock, read_json, write_json
 __all__ = ["stage_dir", "bind_set", "join", "leave", "members"]
 
 log = logging.getLogger(__name__)
+
+_AUDIT_SECONDS = 10
 
 
 def stage_dir(cfg: Config, version: str) -> str:
@@ -174,11 +177,21 @@ def _audit_mark(cfg: Config, version: str) -> str:
 
 
 def _report_setuid(cfg: Config, version: str) -> None:
-    """Log setuid/setgid files of a version once (they are harmless: the stage is nosuid)."""
+    """Log setuid/setgid files of a version once (the stage is nosuid: for the admin).
+
+    Runs under the node lock, so it stays on the version's file system and
+    stops after _AUDIT_SECONDS, saying so.
+    """
     if os.path.exists(_audit_mark(cfg, version)):
         return
-    found = []
+    dev, deadline = os.stat(version).st_dev, time.monotonic() + _AUDIT_SECONDS
+    found: list[str] = []
     for top, dirs, files in os.walk(version):
+        if time.monotonic() > deadline:
+            log.warning("image %s: setuid audit stopped after %d s (run `pbs-chroot check`)",
+                        version, _AUDIT_SECONDS)
+            break
+        dirs[:] = [d for d in dirs if _same_dev(os.path.join(top, d), dev)]
         for name in files:
             try:
                 mode = os.lstat(os.path.join(top, name)).st_mode
@@ -188,4 +201,11 @@ def _report_setuid(cfg: Config, version: str) -> None:
                 found.append(os.path.join(top, name)[len(version):])
     if found:
         log.warning("image %s has %d setuid/setgid file(s), neutralised by nosuid: %s",
-                    version, len(found), ", ".join(found[:20]))
+                    version, len(found), gate.show(", ".join(found[:20])))
+
+
+def _same_dev(path: str, dev: int) -> bool:
+    try:
+        return os.lstat(path).st_dev == dev
+    except OSError:
+        return False

@@ -199,3 +199,22 @@ def test_leftover_temp_file_does_not_block_teardown(site: Site) -> None:
     (sdir / "info.json.tmp.99999").write_text("{")
     assert stage.leave(cfg, "1.vm", v) is True
     assert not sdir.exists() and below(site.version) == []
+
+
+def test_submounts_of_a_recursive_bind_get_nosuid_nodev(site: Site) -> None:
+    """A suid-capable mount below a home directory must not be suid in the stage."""
+    cfg = load(site)
+    v = str(site.version)
+    sub = tmpfs_root() / "home" / "pbsct" / "sub"
+    sub.mkdir()
+    _sys.mount("tmpfs", str(sub), "tmpfs", _sys.MS_NOEXEC)  # suid, dev allowed on the host
+    try:
+        stage.join(cfg, "1.vm", v)
+        try:
+            inside = {m.mount_point: m for m in mounts.read_mountinfo()}[v + str(sub)]
+            assert {"nosuid", "nodev", "noexec"} <= inside.options
+        finally:
+            stage.leave(cfg, "1.vm", v)
+    finally:
+        _sys.umount2(str(sub))
+        sub.rmdir()
