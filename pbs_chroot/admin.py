@@ -157,7 +157,8 @@ def run(cfg_path: str, image: str, user: Optional[str], cmd: Sequence[str]) -> i
     version = resolve_admin_path(allowed.path)
     check_version_private(version)
     job = lifecycle.Job(f"run-{os.getpid()}-{int(time.time())}."
-                        f"{os.uname().nodename.split('.')[0]}", user, "", "local", "")
+                        f"{os.uname().nodename.split('.')[0]}", user, _primary_group(user),
+                        "local", "")
     ensure_layout(cfg.state_dir)
     args = shim.ShimArgs(["--root", version, "--user", user, "--setenv",
                           f"PBS_JOBID={job.job_id}", "--", *cmd])
@@ -193,6 +194,15 @@ def run(cfg_path: str, image: str, user: Optional[str], cmd: Sequence[str]) -> i
     print(f"pbs-chroot: job {job.job_id} in {image} as {user} exited with status {status}",
           file=sys.stderr)
     return status
+
+
+def _primary_group(user: str) -> str:
+    import grp
+    import pwd
+    try:
+        return grp.getgrgid(pwd.getpwnam(user).pw_gid).gr_name
+    except KeyError:
+        return ""
 
 
 def _default_user() -> str:

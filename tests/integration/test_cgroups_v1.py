@@ -196,3 +196,26 @@ def test_swap_limits_are_consistent(limits: cgroups.Limits, mem: int, memsw: int
             assert int(sw.read_text()) == memsw
     finally:
         cg.remove()
+
+
+def test_torques_own_job_cgroup_is_used_not_fought(node: Node) -> None:
+    """Torque built with cgroups made PARENT/JOBID already: kill and account through it,
+    create nothing of ours, remove nothing of Torque's."""
+    layout = _layout()
+    torque_parent = f"{CG_PARENT}/torque"
+    with_config(node, f"torque_cgroup_parent = {torque_parent}\n")
+    job = node.job(node.rootdir(), "#!/bin/sh\ncat /proc/self/cgroup\n")
+    torque_cg = cgroups.job_cgroup(layout, torque_parent, job.job_id)
+    torque_cg.create()  # as pbs_mom would, before the prologue
+    try:
+        res = node.emu.run(job)
+        assert res.job_rc == 0 and res.epilogue_rc == 0, res.stderr
+        # Not moved by us (pbs_mom itself would have put it there):
+        assert f"memory:/{CG_PARENT}/{job.job_id}" not in res.stdout
+        assert torque_cg.exists()  # Torque's to remove, not ours
+        assert not (Path(layout.v1["memory"]) / CG_PARENT / job.job_id).exists()
+        acct_line(node.site, job.job_id)
+    finally:
+        torque_cg.remove()
+        for top in set(layout.v1.values()):
+            os.rmdir(os.path.join(top, torque_parent))
