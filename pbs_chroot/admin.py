@@ -18,7 +18,7 @@ from .errors import ConfigError, PbsChrootError, UserError
 from .paths import check_version_private, resolve_admin_path
 from .state import ensure_layout
 
-__all__ = ["main", "render_hook", "install"]
+__all__ = ["main", "render_hook", "install", "check_library"]
 
 logger = logging.getLogger("pbs_chroot.admin")
 
@@ -117,19 +117,26 @@ def _check_importable(python: str) -> str:
     The hooks run as root and import it: a module others can write is root for them.
     """
     probe = "import os, pbs_chroot; print(os.path.dirname(pbs_chroot.__file__))"
-    pkg = _probe(python, "-I", probe, "cannot import pbs_chroot")
+    libdir = check_library(_probe(python, "-I", probe, "cannot import pbs_chroot"))
+    _probe(python, "-IS", f"import sys; sys.path.append({libdir!r}); import pbs_chroot.hooks",
+           f"cannot import pbs_chroot.hooks from {libdir} without the site module")
+    return libdir
+
+
+def check_library(pkg: str) -> str:
+    """The directory holding package ``pkg``, if only root can change what the hooks import.
+
+    Ancestors may be sticky (a checkout under /tmp); the library directory may
+    not: anyone could add e.g. pbs.py there, which a hook imports as root.
+    """
     libdir = os.path.dirname(pkg)
-    # Ancestors may be sticky (a checkout under /tmp); the sys.path entry itself
-    # may not: anyone could add e.g. pbs.py there, which the hook imports as root.
-    resolve_admin_path(libdir, sticky_ok=True)
-    resolve_admin_path(pkg)
+    resolve_admin_path(libdir, sticky_ok=True)  # the last component strictly
+    resolve_admin_path(pkg, sticky_ok=True)
     for name in os.listdir(pkg):
         st = os.lstat(os.path.join(pkg, name))
         if st.st_uid != 0 or st.st_mode & 0o022:
             raise UserError(f"can't install: {pkg}/{name} must be root-owned and not "
                             "writable by group or others: the hooks import it as root")
-    _probe(python, "-IS", f"import sys; sys.path.append({libdir!r}); import pbs_chroot.hooks",
-           f"cannot import pbs_chroot.hooks from {libdir} without the site module")
     return libdir
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from pbs_chroot.errors import UserError
 from tests.conftest import Site, pbs_chroot_cli
 
 pytestmark = [pytest.mark.root,
@@ -77,3 +78,21 @@ def test_check_reports_each_image(site: Site) -> None:
     os.chmod(site.config, 0o666)
     res = pbs_chroot_cli("--config", str(site.config), "check", check=False)
     assert res.returncode == 1 and "refusing config" in res.stderr
+
+
+def test_library_directory_must_be_root_only(tmp_path: Path) -> None:
+    """The hooks append it to sys.path and may `import pbs` from it, as root."""
+    from pbs_chroot.admin import check_library
+    from pbs_chroot.errors import UnsafePathError
+    os.chmod(tmp_path, 0o1777)  # a sticky ancestor, like /tmp: fine
+    lib = tmp_path / "lib"
+    (lib / "pbs_chroot").mkdir(parents=True)
+    (lib / "pbs_chroot" / "hooks.py").write_text("")
+    assert check_library(str(lib / "pbs_chroot")) == str(lib)
+    os.chmod(lib, 0o1777)  # the library directory itself sticky and world-writable
+    with pytest.raises(UnsafePathError, match="writable by group or others"):
+        check_library(str(lib / "pbs_chroot"))
+    os.chmod(lib, 0o755)
+    os.chmod(lib / "pbs_chroot" / "hooks.py", 0o666)
+    with pytest.raises(UserError, match="hooks.py must be root-owned"):
+        check_library(str(lib / "pbs_chroot"))
