@@ -166,6 +166,9 @@ class JobCgroup:
         deadline = time.monotonic() + timeout
         killed: set[int] = set()
         listed = self.procs()  # before: killed processes leave cgroup.procs at once
+        if os.getpid() in listed:  # it would freeze (and kill) itself, forever
+            raise CgroupError(f"cgroup {self.name}: refusing to kill the cgroup this process "
+                              f"({os.getpid()}) runs in; was its parent moved into it?")
         if self._kill_all_at_once():
             killed.update(listed)
         else:

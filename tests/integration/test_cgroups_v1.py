@@ -219,3 +219,23 @@ def test_torques_own_job_cgroup_is_used_not_fought(node: Node) -> None:
         torque_cg.remove()
         for top in set(layout.v1.values()):
             os.rmdir(os.path.join(top, torque_parent))
+
+
+def test_kill_refuses_the_cgroup_it_runs_in() -> None:
+    """A hook forked from a process inside the job's cgroup must not freeze itself."""
+    cg = cgroups.job_cgroup(_layout(), CG_PARENT, "self.1")
+    cg.create()
+    try:
+        pid = os.fork()
+        if pid == 0:
+            try:
+                cg.attach(os.getpid())
+                cg.kill(1)
+            except cgroups.CgroupError as e:
+                os._exit(3 if "refusing to kill" in e.detail else 4)
+            finally:
+                os._exit(5)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 3
+    finally:
+        cg.remove()
