@@ -4,14 +4,12 @@ import os
 import subprocess
 import time
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
 from pbs_chroot import cgroups
 from tests import fakes
-from tests.conftest import CG_PARENT, USER, Site, Syslog, home_of, pbs_chroot_cli
-from tests.integration.test_torque_e2e import Node
+from tests.conftest import CG_PARENT, USER, Node, Site, home_of, pbs_chroot_cli
 
 ACCT_FIELDS = {"schema", "job_id", "user", "group", "queue", "node", "image", "version", "start",
                "end", "exit", "cgroup_version", "cpu_user_usec", "cpu_system_usec",
@@ -30,17 +28,6 @@ pytestmark = [pytest.mark.root,
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root: real cgroups"),
               pytest.mark.skipif(not os.path.isdir("/sys/fs/cgroup/memory"),
                                  reason="needs the cgroup v1 memory controller")]
-
-
-@pytest.fixture
-def node(site: Site, syslog: Syslog) -> Iterator[Node]:
-    n = Node(site, syslog)
-    yield n
-    n.emu.cleanup()
-
-
-def with_config(node: Node, main: str) -> None:
-    node.site.write_config(main=f"qstat = {node.emu.qstat_path}\njob_info = qstat\n{main}")
 
 
 def acct_line(site: Site, job_id: str) -> dict:
@@ -82,7 +69,7 @@ def test_oom_kill_is_counted_and_told_to_the_user(node: Node) -> None:
 
 
 def test_soft_policy_lets_a_job_exceed_its_request(node: Node) -> None:
-    with_config(node, "memory_policy = soft\n")
+    node.configure("memory_policy = soft\n")
     job = node.job(node.rootdir(), "#!/bin/sh\ndd if=/dev/zero of=/dev/null bs=200M count=1\n")
     job.resource_list = "nodes=1:ppn=1,mem=100mb,walltime=00:05:00"
     res = node.emu.run(job)
@@ -108,7 +95,7 @@ def test_double_forked_daemon_is_killed(node: Node) -> None:
 
 
 def test_fork_bomb_is_held_by_the_pids_limit_and_killed(node: Node) -> None:
-    with_config(node, "pids_max = 40\n")
+    node.configure("pids_max = 40\n")
     script = "#!/bin/sh\nb() { b | b & }\nb\nsleep 2\necho survived\n"
     job = node.job(node.rootdir(), script)
     res = node.emu.run(job, timeout=60)
@@ -120,7 +107,7 @@ def test_fork_bomb_is_held_by_the_pids_limit_and_killed(node: Node) -> None:
 
 def test_unkillable_process_takes_the_node_offline(node: Node) -> None:
     """A job process frozen by a foreign freezer cgroup cannot die: site fault."""
-    with_config(node, "kill_timeout = 1\n")
+    node.configure("kill_timeout = 1\n")
     layout = cgroups.detect()
     if "freezer" not in layout.v1:
         pytest.skip("needs the cgroup v1 freezer controller")
@@ -164,7 +151,7 @@ def test_every_job_gets_a_cgroup_with_its_limits(node: Node) -> None:
     script = "#!/bin/sh\ncat /proc/self/cgroup\n"
     job = node.job([], script)  # no image: still a cgroup
     job.resource_list = "nodes=1:ppn=2,mem=300mb,walltime=00:05:00"
-    with_config(node, "pids_max = 500\n")
+    node.configure("pids_max = 500\n")
     res = node.emu.run(job)
     assert res.job_rc == 0
     assert f"memory:/{CG_PARENT}/{job.job_id}" in res.stdout
@@ -203,7 +190,7 @@ def test_torques_own_job_cgroup_is_used_not_fought(node: Node) -> None:
     create nothing of ours, remove nothing of Torque's."""
     layout = _layout()
     torque_parent = f"{CG_PARENT}/torque"
-    with_config(node, f"torque_cgroup_parent = {torque_parent}\n")
+    node.configure(f"torque_cgroup_parent = {torque_parent}\n")
     job = node.job(node.rootdir(), "#!/bin/sh\ncat /proc/self/cgroup\n")
     torque_cg = cgroups.job_cgroup(layout, torque_parent, job.job_id)
     torque_cg.create()  # as pbs_mom would, before the prologue

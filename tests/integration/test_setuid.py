@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import UID, USER, Site, Syslog, pbs_chroot_cli, tmpfs_root
-from tests.integration.test_torque_e2e import Node
+from tests.conftest import UID, USER, Node, Site, Syslog, pbs_chroot_cli, tmpfs_root
 
 pytestmark = [pytest.mark.root,
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root: setuid files")]

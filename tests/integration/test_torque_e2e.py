@@ -2,61 +2,16 @@
 import os
 import random
 import time
-from typing import Iterator, Optional
 
 import pytest
 
 from pbs_chroot.lifecycle import FAULT_POINTS
 from tests import fakes
-from tests.conftest import USER, Site, Syslog, home_of, mount_points, pbs_chroot_cli
-from tests.momemu import EmuJob, EmuResult, MomEmulator
+from tests.conftest import Node, Site, Syslog, home_of, mount_points, USER
+from tests.momemu import EmuJob, EmuResult
 
 pytestmark = [pytest.mark.root,
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root: real mounts")]
-
-PROBE = """#!/bin/sh
-head -n 1 /etc/os-release
-test -r /proc/self/stat && echo proc-ok
-test -c /dev/null && echo devnull-ok
-cd && pwd && touch "$HOME/by-$PBS_JOBID" && echo home-ok
-test -r "$0" && echo "script-ok $0"
-echo "user=$(id -un) uid=$(id -u)"
-"""
-
-
-class Node:
-    """One emulated mom with our hooks installed and a site config."""
-
-    def __init__(self, site: Site, syslog: Syslog, hook_env: Optional[dict] = None) -> None:
-        self.site, self.syslog = site, syslog
-        self.emu = MomEmulator(site.pbs_home, prologue_alarm=60, hook_env=hook_env)
-        site.write_config(main=f"qstat = {self.emu.qstat_path}\njob_info = qstat\n")
-        res = pbs_chroot_cli("--config", str(site.config), "install", "--pbs-home",
-                             str(site.pbs_home), "--pbsnodes", str(self.emu.pbsnodes_path))
-        assert res.returncode == 0, res.stderr
-        self.seq = 100
-
-    def job(self, variables: list, script: str = PROBE) -> EmuJob:
-        self.seq += 1
-        return EmuJob(f"{self.seq}.vm", USER, script, variables)
-
-    def rootdir(self, value: Optional[str] = None) -> list:
-        return [("PBS_O_ROOTDIR", str(self.site.image) if value is None else value)]
-
-    def offline_calls(self) -> list:
-        return fakes.read_pbsnodes_calls(self.emu.pbsnodes_log)
-
-    def assert_clean(self) -> None:
-        assert not any(str(self.site.version) in m for m in mount_points())
-        assert os.listdir(self.site.state / "jobs") == []
-        assert os.listdir(self.site.state / "stages") == []
-
-
-@pytest.fixture
-def node(site: Site, syslog: Syslog) -> Iterator[Node]:
-    n = Node(site, syslog)
-    yield n
-    n.emu.cleanup()
 
 
 def ran_in_image(res: EmuResult, job: EmuJob) -> None:
