@@ -1,4 +1,4 @@
-"""The admin CLI, ``pbs-chroot``: install the hooks, check the config, run a job locally.
+"""The admin CLI, ``pbs-chroot``: install, check, run a job locally, cleanup, report.
 
 Run as root by a site admin. Trusts its arguments; refuses a config or an
 image that is not root-owned and protected. Exit codes: 0 success, 2 bad
@@ -250,6 +250,27 @@ def check(cfg_path: str) -> int:
     return 1 if bad else 0
 
 
+def cleanup(cfg_path: str, dry_run: bool) -> int:
+    """Run the reconciler once; print one line per thing done; 1 if anything failed."""
+    from . import reconcile
+    cfg = config_mod.load(cfg_path)
+    log.use_socket(cfg.syslog_socket)
+    ensure_layout(cfg.state_dir)
+    out = reconcile.cleanup(cfg, dry_run)
+    verb = "would finish" if dry_run else "finished"
+    for job_id in out.finished:
+        print(f"{verb} job {job_id}")
+    for member in out.members:
+        print(f"{'would remove' if dry_run else 'removed'} stale stage member {member}")
+    for job_id in out.cgroups:
+        print(f"{'would remove' if dry_run else 'removed'} cgroup without a record: {job_id}")
+    for failure in out.failed:
+        print(f"FAILED {failure}", file=sys.stderr)
+    if not (out.finished or out.members or out.cgroups or out.failed):
+        print("nothing to clean up")
+    return 1 if out.failed else 0
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pbs-chroot", description=__doc__.split("\n")[0])
     p.add_argument("--config", default=os.environ.get("PBS_CHROOT_CONFIG",
@@ -268,6 +289,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--user", help="job user (default: $SUDO_USER, else nobody)")
     r.add_argument("cmd", nargs="+", help="the command (after --)")
     sub.add_parser("check", help="validate the config and the images")
+    c = sub.add_parser("cleanup", help="finish or undo what jobs no longer on this node left "
+                       "(records, stage members, cgroups); at mom start and from a timer")
+    c.add_argument("--dry-run", action="store_true", help="only say what would be done")
     report.add_arguments(sub.add_parser(
         "report", help="jobs, CPU hours, peak memory and OOM kills per user and per image"))
     return p
@@ -286,6 +310,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 0
         if args.command == "run":
             return run(args.config, args.image, args.user, args.cmd)
+        if args.command == "cleanup":
+            return cleanup(args.config, args.dry_run)
         if args.command == "report":
             return report.main_report(args)
         return check(args.config)

@@ -102,7 +102,8 @@ def job_cgroup_of(record: dict[str, Any]) -> Optional[cgroups.JobCgroup]:
     return cgroups.job_cgroup(layout, parent, job_id)
 
 
-def end_job(cfg: Config, job_id: str, exit_status: str = "") -> Optional[dict[str, Any]]:
+def end_job(cfg: Config, job_id: str, exit_status: str = "",
+            recovered: bool = False) -> Optional[dict[str, Any]]:
     """Undo whatever start_job() got done for ``job_id``; idempotent.
 
     Returns the accounting record written (None if the job had no record).
@@ -119,7 +120,7 @@ def end_job(cfg: Config, job_id: str, exit_status: str = "") -> Optional[dict[st
         if n:
             log.info("job %s: killed %d process(es) left in its cgroup", job_id, n)
         if not record.get("accounted"):
-            acct = _account(cfg, record, cg.usage(), cg.version, exit_status)
+            acct = _account(cfg, record, cg.usage(), cg.version, exit_status, recovered)
             record["accounted"] = True
             save_record(cfg.state_dir, record)
     if isinstance(record.get("version"), str) and record.get("stage"):
@@ -131,7 +132,7 @@ def end_job(cfg: Config, job_id: str, exit_status: str = "") -> Optional[dict[st
 
 
 def _account(cfg: Config, record: dict[str, Any], usage: cgroups.Usage, version: int,
-             exit_status: str) -> dict[str, Any]:
+             exit_status: str, recovered: bool = False) -> dict[str, Any]:
     from . import accounting
     acct = {"job_id": record["job_id"], "user": record.get("user"),
             "group": record.get("group"), "queue": record.get("queue"),
@@ -140,6 +141,8 @@ def _account(cfg: Config, record: dict[str, Any], usage: cgroups.Usage, version:
             "start": record.get("start"), "end": time.time(),
             "exit": _exit_code(exit_status),
             "cgroup_version": version, **usage._asdict()}
+    if recovered:  # finished by the reconciler, not by the job's epilogue
+        acct["recovered"] = True
     accounting.append(cfg.accounting_log, acct)
     log.info("job %s accounting: user %s cpu %.1f s user + %.1f s system, peak memory %s, "
              "oom kills %d, image %s", acct["job_id"], acct["user"],

@@ -17,7 +17,7 @@ from .config import BindSpec, Config
 from .errors import StateError
 from .state import check_job_id, node_lock, read_json, write_json
 
-__all__ = ["stage_dir", "bind_set", "join", "leave", "members"]
+__all__ = ["stage_dir", "bind_set", "join", "leave", "sweep", "members"]
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +87,17 @@ def leave(cfg: Config, job_id: str, version: str) -> bool:
             return False
         _destroy(sdir, version)
     log.info("job %s left stage %s, the last one: torn down", job_id, version)
+    return True
+
+
+def sweep(cfg: Config, version: str) -> bool:
+    """Tear down the stage of ``version`` if it has no members (and policy allows)."""
+    sdir = stage_dir(cfg, version)
+    with node_lock(cfg.state_dir, cfg.lock_timeout):
+        if not os.path.isdir(sdir) or members(sdir) or cfg.keep_stage:
+            return False
+        _destroy(sdir, version)
+    log.info("stage %s had no jobs left: torn down", version)
     return True
 
 

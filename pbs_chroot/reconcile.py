@@ -1,0 +1,135 @@
+"""The reconciler (`pbs-chroot cleanup`): finish or undo what dead jobs left on this node.
+
+Run as root by the admin, at pbs_mom start and from a timer. Safe at any
+time, next to running prologues and epilogues: it touches only jobs that are
+no longer on the node, and changes stages under the same node lock. Running
+it twice changes nothing the second time.
+
+A job is still on the node while pbs_mom holds a file of it in
+mom_priv/jobs (the .SC exists from before the prologue until the job is
+purged, after its epilogue), or, for a `pbs-chroot run` job, while the
+runner's process lives.
+"""
+import logging
+import os
+from typing import Any, Callable, NamedTuple, Optional
+
+from . import cgroups, lifecycle, stage
+from .config import Config
+from .errors import PbsChrootError
+from .state import JOB_ID_RE, list_records, node_lock, read_json
+
+__all__ = ["Outcome", "is_running", "cleanup"]
+
+log = logging.getLogger(__name__)
+
+
+class Outcome(NamedTuple):
+    """What one cleanup pass did."""
+
+    finished: list[str]        # job records finished (killed, accounted, undone)
+    members: list[str]         # stale stage memberships removed ("stage: job")
+    cgroups: list[str]         # cgroups under our parent without a record, removed
+    failed: list[str]          # what could not be cleaned, with the reason
+
+
+def is_running(cfg: Config, job_id: str, mom_files: Optional[list[str]] = None) -> bool:
+    """Whether ``job_id`` is still on this node (when unsure: yes, leave it alone)."""
+    if job_id.startswith("run-"):
+        pid = job_id.split("-")[1]
+        return pid.isascii() and pid.isdigit() and os.path.exists(f"/proc/{pid}")
+    files = mom_files if mom_files is not None else _mom_files(cfg)
+    # pbs_mom names job files by a prefix of the id (long ids are cut):
+    # any file of the same sequence number counts.
+    seq = job_id.split(".")[0] + "."
+    return any(f.startswith(seq) for f in files)
+
+
+def _mom_files(cfg: Config) -> list[str]:
+    try:
+        return os.listdir(os.path.join(cfg.pbs_home, "mom_priv", "jobs"))
+    except FileNotFoundError:
+        return []
+
+
+def cleanup(cfg: Config, dry_run: bool = False) -> Outcome:
+    """One pass over records, stage memberships and our cgroups."""
+    out = Outcome([], [], [], [])
+    files = _mom_files(cfg)
+    for job_id in list_records(cfg.state_dir):
+        if is_running(cfg, job_id, files):
+            continue
+        out.finished.append(job_id)
+        if not dry_run:
+            _try(out, job_id, lifecycle.end_job, cfg, job_id, "", True)  # recovered
+    records = set(list_records(cfg.state_dir))  # what is left (all of it, in a dry run)
+    _prune_members(cfg, files, records, out, dry_run)
+    _prune_cgroups(cfg, files, records, out, dry_run)
+    return out
+
+
+def _prune_members(cfg: Config, files: list[str], records: set[str], out: Outcome,
+                   dry_run: bool) -> None:
+    """Members with neither a record nor a job on the node leave; empty stages go."""
+    base = os.path.join(cfg.state_dir, "stages")
+    for name in _listdir(base):
+        info = _safe(read_json, os.path.join(base, name, "info.json"))
+        version = info.get("version") if isinstance(info, dict) else None
+        if not isinstance(version, str):
+            continue
+        for job_id in stage.members(os.path.join(base, name)):
+            if job_id in records or is_running(cfg, job_id, files):
+                continue
+            out.members.append(f"{version}: {job_id}")
+            if not dry_run:
+                _try(out, job_id, stage.leave, cfg, job_id, version)
+        if not dry_run:  # no members left, e.g. a crash between leaving and teardown
+            _try(out, version, stage.sweep, cfg, version)
+
+
+def _prune_cgroups(cfg: Config, files: list[str], records: set[str], out: Outcome,
+                   dry_run: bool) -> None:
+    """Job cgroups under our parent with neither a record nor a job: kill and remove."""
+    if not cfg.cgroups:
+        return
+    layout = _safe(cgroups.detect)
+    if layout is None:
+        return
+    tops = set(layout.v1.values()) if layout.version == 1 else {str(layout.v2)}
+    names = sorted({n for top in tops for n in _listdir(os.path.join(top, cfg.cgroup_parent))})
+    for job_id in names:
+        if not JOB_ID_RE.match(job_id) or job_id in records or is_running(cfg, job_id, files):
+            continue
+        out.cgroups.append(job_id)
+        if not dry_run:
+            cg = cgroups.job_cgroup(layout, cfg.cgroup_parent, job_id)
+            _try(out, job_id, _kill_and_remove, cfg, cg)
+
+
+def _kill_and_remove(cfg: Config, cg: cgroups.JobCgroup) -> None:
+    with node_lock(cfg.state_dir, cfg.lock_timeout):
+        cg.kill(cfg.kill_timeout)
+        cg.remove()
+
+
+def _listdir(path: str) -> list[str]:
+    try:
+        return sorted(e.name for e in os.scandir(path) if e.is_dir(follow_symlinks=False))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def _safe(fn: Callable[..., Any], *args: Any) -> Any:
+    try:
+        return fn(*args)
+    except PbsChrootError as e:
+        log.error("cleanup: %s", e.detail)
+        return None
+
+
+def _try(out: Outcome, what: str, fn: Callable[..., Any], *args: Any) -> None:
+    try:
+        fn(*args)
+    except PbsChrootError as e:
+        out.failed.append(f"{what}: {e.detail}")
+        log.error("cleanup of %s failed: %s", what, e.detail)
