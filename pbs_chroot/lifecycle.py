@@ -6,25 +6,22 @@ reconciler — can finish or undo a job whose start died at any point.
 """
 import logging
 import os
-import signal
 import time
 from contextlib import ExitStack
 from typing import Any, Callable, NamedTuple, Optional
 
-from . import cgroups, stage
+from . import cgroups, faults, stage
 from .config import Config
 from .errors import PbsChrootError
 from .state import delete_record, load_record, save_record
 
-__all__ = ["FAULT_POINTS", "Job", "start_job", "end_job", "fault_point", "job_cgroup_of"]
+__all__ = ["FAULT_POINTS", "Job", "start_job", "end_job", "job_cgroup_of"]
 
 log = logging.getLogger(__name__)
 
-# Test-only fault injection: PBS_CHROOT_TEST_KILL_AT=POINT makes the process
-# SIGKILL itself there. pbs_mom gives hooks a fixed environment, so a job
-# owner cannot set it.
+# The fault points of start_job, in order (the tests enumerate every point,
+# these and those inside stage and mounts, by tracing a real job).
 FAULT_POINTS = ("recorded", "cgroup_created", "stage_joined", "attached", "started")
-_KILL_AT = os.environ.get("PBS_CHROOT_TEST_KILL_AT", "")
 
 
 class Job(NamedTuple):
@@ -37,12 +34,6 @@ class Job(NamedTuple):
     resource_list: str = ""
 
 
-def fault_point(name: str) -> None:
-    """Die here, as $prologalarm or the OOM killer would, if the tests asked for it."""
-    if _KILL_AT == name:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 def start_job(cfg: Config, job: Job, image: Optional[str], version: Optional[str],
               attach_pid: Optional[int]) -> None:
     """Record the job, make its cgroup, join its stage, attach its process; undo on failure."""
@@ -52,25 +43,25 @@ def start_job(cfg: Config, job: Job, image: Optional[str], version: Optional[str
     with ExitStack() as undo:
         save_record(cfg.state_dir, record)
         undo.callback(_best_effort, delete_record, cfg.state_dir, job.job_id)
-        fault_point("recorded")
+        faults.point("recorded")
         cg = _make_cgroup(cfg, job, record, undo) if cfg.cgroups else None
-        fault_point("cgroup_created")
+        faults.point("cgroup_created")
         if version is not None:
             record["stage"] = "joining"
             save_record(cfg.state_dir, record)
             undo.callback(_best_effort, stage.leave, cfg, job.job_id, version)
             stage.join(cfg, job.job_id, version)
-            fault_point("stage_joined")
+            faults.point("stage_joined")
             record["stage"] = "joined"
         if cg is not None and attach_pid is not None and record["cgroup"]["owned"]:
             record["cgroup"]["attached"] = attach_pid
             save_record(cfg.state_dir, record)
             cg.attach(attach_pid)
-            fault_point("attached")
+            faults.point("attached")
         record["started"] = True
         save_record(cfg.state_dir, record)
         undo.pop_all()
-    fault_point("started")
+    faults.point("started")
 
 
 def _make_cgroup(cfg: Config, job: Job, record: dict[str, Any],
@@ -119,14 +110,18 @@ def end_job(cfg: Config, job_id: str, exit_status: str = "",
         n = cg.kill(cfg.kill_timeout)
         if n:
             log.info("job %s: killed %d process(es) left in its cgroup", job_id, n)
+        faults.point("end:killed")
         if not record.get("accounted"):
             acct = _account(cfg, record, cg.usage(), cg.version, exit_status, recovered)
+            faults.point("end:accounted")
             record["accounted"] = True
             save_record(cfg.state_dir, record)
     if isinstance(record.get("version"), str) and record.get("stage"):
         stage.leave(cfg, job_id, record["version"])
+        faults.point("end:stage_left")
     if cg is not None and record["cgroup"].get("owned"):
         cg.remove()
+        faults.point("end:cgroup_removed")
     delete_record(cfg.state_dir, job_id)
     return acct
 

@@ -13,6 +13,7 @@ import time
 from contextlib import ExitStack
 from typing import NamedTuple, Optional, Sequence
 
+from . import faults
 from .config import BindSpec
 from .errors import MountError, UnsafePathError
 from .paths import open_in_root
@@ -144,8 +145,10 @@ def apply(version: str, steps: Sequence[MountStep], keep: frozenset[int] = froze
         undo.callback(_best_effort_teardown, version, keep)
         root_fd = os.open(version, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         undo.callback(os.close, root_fd)
+        faults.point("mount:self_bind")
         for step in steps:
             _mount_step(root_fd, version, step)
+            faults.point(f"mount:{step.spec.target}")
         _remount(version, _sys.MS_RDONLY | _sys.MS_NOSUID | _sys.MS_NODEV)
         verify(version, steps, keep)
         undo.pop_all()
@@ -258,6 +261,7 @@ def teardown(version: str, keep: frozenset[int] = frozenset()) -> int:
         left.sort(key=lambda m: (m.mount_point.count("/"), m.mount_id), reverse=True)
         for m in left:
             count += _umount(m.mount_point, detach=attempt == _UMOUNT_TRIES)
+            faults.point(f"umount:{m.mount_point[len(version):] or '/'}")
         if attempt < _UMOUNT_TRIES and mounts_below(version, read_mountinfo(), keep):
             time.sleep(_UMOUNT_PAUSE)
     left = mounts_below(version, read_mountinfo(), keep)

@@ -12,7 +12,7 @@ import stat
 import time
 from typing import Any, Optional
 
-from . import gate, mounts
+from . import faults, gate, mounts
 from .config import BindSpec, Config
 from .errors import StateError
 from .state import check_job_id, node_lock, read_json, write_json
@@ -66,6 +66,7 @@ def join(cfg: Config, job_id: str, version: str) -> None:
                         len(members(sdir)))
         elif problem:
             _build(cfg, sdir, version, steps, info)
+        faults.point("stage:ready")
         _touch(os.path.join(sdir, "members", job_id))
     log.info("job %s joined stage %s", job_id, version)
 
@@ -81,6 +82,7 @@ def leave(cfg: Config, job_id: str, version: str) -> bool:
             pass
         except OSError as e:
             raise StateError(f"can't remove member {job_id} of {sdir}: {e.strerror}") from e
+        faults.point("stage:member_removed")
         left = members(sdir)
         if left or (cfg.keep_stage and _is_ready(read_json(os.path.join(sdir, "info.json")))):
             log.info("job %s left stage %s (%d job(s) remain)", job_id, version, len(left))
@@ -142,6 +144,7 @@ def _build(cfg: Config, sdir: str, version: str, steps: list[mounts.MountStep],
             pass
     info = {"version": version, "state": "setting-up", "pre": sorted(keep)}
     write_json(os.path.join(sdir, "info.json"), info)  # before the first mount
+    faults.point("stage:info_written")
     _report_setuid(cfg, version)
     log.info("setting up stage %s: %s", version, "; ".join(s.describe() for s in steps))
     mounts.apply(version, steps, keep)
@@ -156,6 +159,7 @@ def _destroy(sdir: str, version: str) -> None:
     # info.json is written before the first mount: without it we mounted
     # nothing here, and whatever is mounted there is not ours to remove.
     n = mounts.teardown(version, _keep(info)) if info is not None else 0
+    faults.point("stage:unmounted")
     # Whatever a killed writer left (info.json.tmp.PID) goes too.
     leftovers = [os.path.join(sdir, n) for n in _listdir(sdir) if n != "members"]
     for path in leftovers + [os.path.join(sdir, "members"), sdir]:

@@ -127,6 +127,15 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             base.rmdir()
 
 
+# Counts that tests report at the end of the run (fault points, hostile cases...).
+SUMMARY: dict[str, str] = {}
+
+
+def pytest_terminal_summary(terminalreporter: object) -> None:
+    for key, value in SUMMARY.items():
+        terminalreporter.write_line(f"pbs_chroot: {key}: {value}")  # type: ignore[attr-defined]
+
+
 def mount_points() -> list[str]:
     """This process's mount points, in order: the leak check compares these."""
     with open("/proc/self/mountinfo") as f:
