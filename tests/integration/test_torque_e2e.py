@@ -83,7 +83,7 @@ def test_refused_requests_abort_the_job(node: Node, variables: list, shown: str)
 
 @pytest.mark.parametrize("count, pause", [(10, "0.05"), (64, "0.5")])
 def test_jobs_share_the_stage_and_end_in_random_order(node: Node, count: int,
-                                                     pause: str) -> None:
+                                                      pause: str) -> None:
     warm = node.job(node.rootdir())  # a first job creates the state directory's files
     assert node.emu.run(warm).job_rc == 0
     before, state_before = mount_points(), node.site.state_files()
