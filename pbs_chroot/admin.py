@@ -1,4 +1,4 @@
-"""The admin CLI, ``pbs-chroot``: install, check, run a job locally, cleanup, report.
+"""The admin CLI, ``pbs-chroot``: install, check, run, cleanup, selftest, report.
 
 Run as root by a site admin. Trusts its arguments; refuses a config or an
 image that is not root-owned and protected. Exit codes: 0 success, 2 bad
@@ -292,6 +292,9 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("cleanup", help="finish or undo what jobs no longer on this node left "
                        "(records, stage members, cgroups); at mom start and from a timer")
     c.add_argument("--dry-run", action="store_true", help="only say what would be done")
+    t = sub.add_parser("selftest", help="check this node against its config and images "
+                       "(gate, stages, escapes, cgroups), without touching running jobs")
+    t.add_argument("--user", default="nobody", help="unprivileged user for the escape probes")
     report.add_arguments(sub.add_parser(
         "report", help="jobs, CPU hours, peak memory and OOM kills per user and per image"))
     return p
@@ -310,6 +313,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 0
         if args.command == "run":
             return run(args.config, args.image, args.user, args.cmd)
+        if args.command == "selftest":
+            from .selftest import run_selftest
+            cfg = config_mod.load(args.config)
+            failed = run_selftest(cfg, args.user, print)
+            print(f"{'all checks passed' if not failed else f'{failed} check(s) FAILED'}")
+            return 1 if failed else 0
         if args.command == "cleanup":
             return cleanup(args.config, args.dry_run)
         if args.command == "report":

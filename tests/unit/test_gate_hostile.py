@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from pbs_chroot import config, gate
 from pbs_chroot.errors import UserError
 from pbs_chroot.jobinfo import lossy_names, parse_variable_list
+from pbs_chroot.selftest import hostile_values
 
 ALLOWED = ("/chroot/sl5", "/chroot/el7", "/cvmfs/sft.cern.ch/os/el9")
 CFG = config.parse("".join(f"[image {p}]\n" for p in ALLOWED))
@@ -40,17 +41,14 @@ def _values() -> list:
                 p + "=", p + "'", p + '"', p + "$(id)", p + "`id`", p + ";id", p + "|id",
                 p + "\udcff", p + "\u202e", p.replace("c", "\u0441"), p + "\r", "~" + p,
                 p + "/" + "a" * 4096]
-        comps = p.split("/")[1:]
-        for i in range(len(comps) + 1):  # at every level of a path that looks allowed
-            for insert in ("..", ".", ""):
-                out.append("/" + "/".join(comps[:i] + [insert] + comps[i:]))
         out += [p + c for c in " \t\x0b\x0c\x1b\x7f;&|<>*?[]{}#!%"]
     out += ["", "/", "//", ".", "..", "/tmp/x", "/tmp", "sl5", "relname", "/" + "x" * 65536,
             "/home/user/myimage", "/proc/self/root", "/proc/1/root", "/dev/shm/x"]
     return out
 
 
-HOSTILE_VALUES = sorted(set(_values()) - set(ALLOWED))
+# The generator pbs-chroot selftest uses ('..', '.', '//' at every level...), plus more.
+HOSTILE_VALUES = sorted((set(_values()) | set(hostile_values(ALLOWED))) - set(ALLOWED))
 NAMES = ["PBS_O_ROOTDIRX", "PBS_O_ROOTDIR_", "PBS_O_ROOTDIR2", "PBS_O_ROOTDIR ", "PBS_O_ROOTDIR\n"]
 
 
