@@ -12,16 +12,10 @@ from typing import Optional
 
 from .errors import UnsafePathError
 
-__all__ = ["check_admin_stat", "resolve_admin_path", "check_version_private", "open_in_root",
-           "has_dotdot"]
+__all__ = ["check_admin_stat", "resolve_admin_path", "check_version_private", "open_in_root"]
 
 _MAX_LINKS = 40
 _O_PATH = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
-
-
-def has_dotdot(path: str) -> bool:
-    """True if any component of ``path`` is '..'."""
-    return ".." in path.split("/")
 
 
 def check_admin_stat(st: os.stat_result, what: str, sticky_ok: bool = False) -> None:

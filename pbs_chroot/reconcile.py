@@ -17,7 +17,7 @@ from typing import Any, Callable, NamedTuple, Optional
 from . import cgroups, lifecycle, stage
 from .config import Config
 from .errors import PbsChrootError
-from .state import JOB_ID_RE, list_records, node_lock, read_json
+from .state import is_job_id, list_records, node_lock, read_json
 
 __all__ = ["Outcome", "is_running", "cleanup"]
 
@@ -98,7 +98,7 @@ def _prune_cgroups(cfg: Config, files: list[str], records: set[str], out: Outcom
     tops = set(layout.v1.values()) if layout.version == 1 else {str(layout.v2)}
     names = sorted({n for top in tops for n in _listdir(os.path.join(top, cfg.cgroup_parent))})
     for job_id in names:
-        if not JOB_ID_RE.match(job_id) or job_id in records or is_running(cfg, job_id, files):
+        if not is_job_id(job_id) or job_id in records or is_running(cfg, job_id, files):
             continue
         out.cgroups.append(job_id)
         if not dry_run:

@@ -21,7 +21,7 @@ from typing import Any, Iterator, Optional
 
 from .errors import StateError
 
-__all__ = ["JOB_ID_RE", "check_job_id", "ensure_layout", "node_lock", "write_json",
+__all__ = ["JOB_ID_RE", "is_job_id", "check_job_id", "ensure_layout", "node_lock", "write_json",
            "read_json", "record_path", "save_record", "load_record", "delete_record",
            "list_records"]
 
@@ -29,9 +29,14 @@ __all__ = ["JOB_ID_RE", "check_job_id", "ensure_layout", "node_lock", "write_jso
 JOB_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\[\]-]{0,199}\Z")
 
 
+def is_job_id(name: str) -> bool:
+    """Whether ``name`` is a job id, safe as a file or cgroup name."""
+    return bool(JOB_ID_RE.match(name)) and ".." not in name
+
+
 def check_job_id(job_id: str) -> str:
     """Return ``job_id`` if it is safe as a file name, else StateError."""
-    if not JOB_ID_RE.match(job_id) or ".." in job_id:
+    if not is_job_id(job_id):
         raise StateError(f"refusing job id {job_id!r}: not a batch-system job id")
     return job_id
 

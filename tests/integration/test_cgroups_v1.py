@@ -96,12 +96,26 @@ def test_double_forked_daemon_is_killed(node: Node) -> None:
 
 def test_fork_bomb_is_held_by_the_pids_limit_and_killed(node: Node) -> None:
     node.configure("pids_max = 40\n")
-    script = "#!/bin/sh\nb() { b | b & }\nb\nsleep 2\necho survived\n"
+    # setsid: out of the job's session, which pbs_mom kills at the job's end anyway.
+    # A persistent bomb: every process keeps forking, so it sits at the limit.
+    script = ("#!/bin/sh\nsetsid sh -c 'b() { while :; do (b &) 2>/dev/null; sleep 0.2; "
+              "done; }; b' >/dev/null 2>&1 &\nsleep 2\n")
     job = node.job(node.rootdir(), script)
-    res = node.emu.run(job, timeout=60)
+    pids = Path(cgroups.detect().v1["pids"]) / CG_PARENT / job.job_id
+    running = node.emu.start(job)
+    deadline, peak, hit = time.monotonic() + 30, 0, 0
+    while time.monotonic() < deadline and running.poll() is None and not hit:
+        try:  # watched from outside while the bomb runs
+            peak = max(peak, int((pids / "pids.current").read_text()))
+            hit = int((pids / "pids.events").read_text().split()[1])
+        except (FileNotFoundError, ValueError, IndexError):
+            pass
+        time.sleep(0.02)
+    res = running.wait(60)
+    assert hit > 0 and 0 < peak <= 40, (hit, peak)  # forks were refused at the limit
     assert res.epilogue_rc == 0, res.stderr
-    layout = cgroups.detect()
-    assert not (Path(layout.v1["pids"]) / CG_PARENT / job.job_id).exists()
+    assert not pids.exists()  # rmdir succeeds only once no process is left
+    assert "killed" in " ".join(node.syslog.lines())
     acct_line(node.site, job.job_id)
 
 
