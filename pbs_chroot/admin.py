@@ -161,22 +161,22 @@ def run(cfg_path: str, image: str, user: Optional[str], cmd: Sequence[str]) -> i
     log.use_socket(cfg.syslog_socket)
     user = user or _default_user()
     allowed = gate.check_value(image, cfg, user, "local")
-    version = resolve_admin_path(allowed.path)
-    check_version_private(version)
     job = lifecycle.Job(f"run-{os.getpid()}-{int(time.time())}."
                         f"{os.uname().nodename.split('.')[0]}", user, _primary_group(user),
                         "local", "")
     ensure_layout(cfg.state_dir)
-    args = shim.ShimArgs(["--root", version, "--user", user, "--setenv",
-                          f"PBS_JOBID={job.job_id}", "--", *cmd])
-    # The child waits until it is in the job's cgroup, then becomes the shim.
+    # The child waits until it is in the job's cgroup and is told the version
+    # whose stage the job joined, then becomes the shim and chroots into it.
     go_r, go_w = os.pipe()
     pid = os.fork()
     if pid == 0:
         os.close(go_w)
         try:
-            if os.read(go_r, 1) == b"1":
-                shim.enter_and_exec(args)
+            root = os.read(go_r, 65536).decode()
+            if root:
+                shim.enter_and_exec(shim.ShimArgs(
+                    ["--root", root, "--user", user, "--setenv",
+                     f"PBS_JOBID={job.job_id}", "--", *cmd]))
         except shim.ShimError as e:
             shim._die(shim.SETUP_FAILED, str(e))
         finally:
@@ -185,12 +185,13 @@ def run(cfg_path: str, image: str, user: Optional[str], cmd: Sequence[str]) -> i
     status = 125
     try:
         try:
-            lifecycle.start_job(cfg, job, allowed.path, version, pid)
+            version = lifecycle.start_job(cfg, job, allowed.path, pid)
         except BaseException:
             os.close(go_w)
             os.waitpid(pid, 0)
             raise
-        os.write(go_w, b"1")
+        assert version is not None
+        os.write(go_w, version.encode())
         os.close(go_w)
         status = _wait_forwarding(pid)
     finally:

@@ -17,7 +17,6 @@ from . import config as config_mod
 from . import gate, jobinfo, lifecycle, log
 from .config import Config
 from .errors import PbsChrootError, SiteError, UserError
-from .paths import check_version_private, resolve_admin_path
 from .state import check_job_id, ensure_layout
 
 __all__ = ["prologue_main", "epilogue_main", "run_main", "offline_node"]
@@ -53,12 +52,9 @@ def _prologue(cfg: Config, argv: Sequence[str]) -> None:
                                job.user, job.queue)
     if image is None and not cfg.cgroups:
         return
-    version = resolve_admin_path(image.path) if image is not None else None
-    if version is not None:
-        check_version_private(version)
     ensure_layout(cfg.state_dir)
-    lifecycle.start_job(cfg, job, image.path if image else None, version,
-                        _future_job_process(argv[0]))
+    version = lifecycle.start_job(cfg, job, image.path if image else None,
+                                  _future_job_process(argv[0]))
     if image is not None:
         logger.info("job %s (user %s, queue %s) runs in image %s (version %s)",
                     job.job_id, job.user, job.queue, image.path, version)

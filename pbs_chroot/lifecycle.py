@@ -34,11 +34,15 @@ class Job(NamedTuple):
     resource_list: str = ""
 
 
-def start_job(cfg: Config, job: Job, image: Optional[str], version: Optional[str],
-              attach_pid: Optional[int]) -> None:
-    """Record the job, make its cgroup, join its stage, attach its process; undo on failure."""
+def start_job(cfg: Config, job: Job, image: Optional[str],
+              attach_pid: Optional[int]) -> Optional[str]:
+    """Record the job, make its cgroup, join its stage, attach its process; undo on failure.
+
+    Returns the image version the job's stage is of (resolved under the node lock).
+    """
+    version = None
     record: dict[str, Any] = {"job_id": job.job_id, "user": job.user, "group": job.group,
-                              "queue": job.queue, "image": image, "version": version,
+                              "queue": job.queue, "image": image, "version": None,
                               "start": time.time(), "stage": None, "cgroup": None}
     with ExitStack() as undo:
         save_record(cfg.state_dir, record)
@@ -46,13 +50,13 @@ def start_job(cfg: Config, job: Job, image: Optional[str], version: Optional[str
         faults.point("recorded")
         cg = _make_cgroup(cfg, job, record, undo) if cfg.cgroups else None
         faults.point("cgroup_created")
-        if version is not None:
+        if image is not None:
             record["stage"] = "joining"
             save_record(cfg.state_dir, record)
-            undo.callback(_best_effort, stage.leave, cfg, job.job_id, version)
-            stage.join(cfg, job.job_id, version)
+            undo.callback(_best_effort, stage.leave_all, cfg, job.job_id)
+            version = stage.join_image(cfg, job.job_id, image)
             faults.point("stage_joined")
-            record["stage"] = "joined"
+            record["stage"], record["version"] = "joined", version
         if cg is not None and attach_pid is not None and record["cgroup"]["owned"]:
             record["cgroup"]["attached"] = attach_pid
             save_record(cfg.state_dir, record)
@@ -62,6 +66,7 @@ def start_job(cfg: Config, job: Job, image: Optional[str], version: Optional[str
         save_record(cfg.state_dir, record)
         undo.pop_all()
     faults.point("started")
+    return version
 
 
 def _make_cgroup(cfg: Config, job: Job, record: dict[str, Any],
@@ -106,6 +111,8 @@ def end_job(cfg: Config, job_id: str, exit_status: str = "",
         return None
     cg = job_cgroup_of(record)
     acct = None
+    if record.get("stage"):  # where the job may have run: all it joined
+        record["versions"] = stage.memberships(cfg, job_id)
     if cg is not None and cg.exists():
         n = cg.kill(cfg.kill_timeout)
         if n:
@@ -116,8 +123,11 @@ def end_job(cfg: Config, job_id: str, exit_status: str = "",
             faults.point("end:accounted")
             record["accounted"] = True
             save_record(cfg.state_dir, record)
-    if isinstance(record.get("version"), str) and record.get("stage"):
-        stage.leave(cfg, job_id, record["version"])
+    if record.get("stage"):
+        if record["stage"] != "leaving":  # from now on, image switches pass it by
+            record["stage"] = "leaving"
+            save_record(cfg.state_dir, record)
+        stage.leave_all(cfg, job_id)
         faults.point("end:stage_left")
     if cg is not None and record["cgroup"].get("owned"):
         cg.remove()
@@ -133,6 +143,7 @@ def _account(cfg: Config, record: dict[str, Any], usage: cgroups.Usage, version:
             "group": record.get("group"), "queue": record.get("queue"),
             "node": cfg.node_name or os.uname().nodename.split(".")[0],
             "image": record.get("image"), "version": record.get("version"),
+            **_switched(record),
             "start": record.get("start"), "end": time.time(),
             "exit": _exit_code(exit_status),
             "cgroup_version": version, **usage._asdict()}
@@ -144,6 +155,12 @@ def _account(cfg: Config, record: dict[str, Any], usage: cgroups.Usage, version:
              usage.cpu_user_usec / 1e6, usage.cpu_system_usec / 1e6, usage.mem_peak_bytes,
              usage.oom_kills, acct["image"])
     return acct
+
+
+def _switched(record: dict[str, Any]) -> dict[str, Any]:
+    """The versions the job was staged in besides its own, if its image was switched."""
+    versions = record.get("versions") or []
+    return {"versions": versions} if set(versions) - {record.get("version")} else {}
 
 
 def _exit_code(text: str) -> Optional[int]:

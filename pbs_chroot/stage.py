@@ -10,14 +10,16 @@ import logging
 import os
 import stat
 import time
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from . import faults, gate, mounts
 from .config import BindSpec, Config
 from .errors import StateError
+from .paths import check_version_private, resolve_admin_path
 from .state import check_job_id, node_lock, read_json, write_json
 
-__all__ = ["stage_dir", "bind_set", "join", "leave", "sweep", "members"]
+__all__ = ["stage_dir", "bind_set", "join", "join_image", "join_locked", "leave", "leave_all",
+           "sweep", "members", "memberships"]
 
 log = logging.getLogger(__name__)
 
@@ -53,41 +55,103 @@ def members(sdir: str) -> list[str]:
 def join(cfg: Config, job_id: str, version: str) -> None:
     """Add ``job_id`` to the stage of ``version``, setting the stage up if needed."""
     check_job_id(job_id)
-    sdir = stage_dir(cfg, version)
     with node_lock(cfg.state_dir, cfg.lock_timeout):
-        steps = mounts.plan(version, bind_set(cfg))
-        info = read_json(os.path.join(sdir, "info.json"))
-        problem = _problem(info, version, steps)
-        if problem and _in_use(sdir, info, version):
-            # Never pull mounts from under running jobs: the stage stays as it
-            # is (e.g. made before a config change) until its last job leaves.
-            log.warning("stage %s differs from its plan (%s); %d job(s) use it, so it is "
-                        "kept as it is until they have left", version, problem,
-                        len(members(sdir)))
-        elif problem:
-            _build(cfg, sdir, version, steps, info)
-        faults.point("stage:ready")
+        join_locked(cfg, [job_id], version)
+
+
+def join_image(cfg: Config, job_id: str, image: str) -> str:
+    """Join the stage of the version ``image`` points to now; return that version.
+
+    The symlink is resolved (and the version audited) under the node lock,
+    which image switches take too: a switch either comes before, and this
+    job gets the new version, or after, and the switch makes this job (its
+    record exists by now) a member of the new version as well, since
+    pbs_mom resolves the allowlisted path again when it chroots.
+    """
+    check_job_id(job_id)
+    with node_lock(cfg.state_dir, cfg.lock_timeout):
+        version = resolve_admin_path(image)
+        check_version_private(version)
+        join_locked(cfg, [job_id], version)
+    return version
+
+
+def join_locked(cfg: Config, job_ids: Sequence[str], version: str) -> None:
+    """join() for several jobs, for a caller that holds the node lock."""
+    sdir = stage_dir(cfg, version)
+    steps = mounts.plan(version, bind_set(cfg))
+    info = read_json(os.path.join(sdir, "info.json"))
+    problem = _problem(info, version, steps)
+    if problem and _in_use(sdir, info, version):
+        # Never pull mounts from under running jobs: the stage stays as it
+        # is (e.g. made before a config change) until its last job leaves.
+        log.warning("stage %s differs from its plan (%s); %d job(s) use it, so it is "
+                    "kept as it is until they have left", version, problem,
+                    len(members(sdir)))
+    elif problem:
+        _build(cfg, sdir, version, steps, info)
+    faults.point("stage:ready")
+    for job_id in job_ids:
         _touch(os.path.join(sdir, "members", job_id))
-    log.info("job %s joined stage %s", job_id, version)
+        log.info("job %s joined stage %s", job_id, version)
 
 
 def leave(cfg: Config, job_id: str, version: str) -> bool:
     """Remove ``job_id`` from the stage; tear it down if it was the last. True if torn down."""
     check_job_id(job_id)
-    sdir = stage_dir(cfg, version)
     with node_lock(cfg.state_dir, cfg.lock_timeout):
-        try:
-            os.unlink(os.path.join(sdir, "members", job_id))
-        except FileNotFoundError:
-            pass
-        except OSError as e:
-            raise StateError(f"can't remove member {job_id} of {sdir}: {e.strerror}") from e
-        faults.point("stage:member_removed")
-        left = members(sdir)
-        if left or (cfg.keep_stage and _is_ready(read_json(os.path.join(sdir, "info.json")))):
-            log.info("job %s left stage %s (%d job(s) remain)", job_id, version, len(left))
-            return False
-        _destroy(sdir, version)
+        return _leave_locked(cfg, job_id, stage_dir(cfg, version))
+
+
+def leave_all(cfg: Config, job_id: str) -> list[str]:
+    """Remove ``job_id`` from every stage it is in (more than one after an image switch).
+
+    Returns the versions left.
+    """
+    check_job_id(job_id)
+    base = os.path.join(cfg.state_dir, "stages")
+    with node_lock(cfg.state_dir, cfg.lock_timeout):
+        left = []
+        for name in _listdir(base):
+            sdir = os.path.join(base, name)
+            if os.path.lexists(os.path.join(sdir, "members", job_id)):
+                left.append(_version_of(sdir))
+                _leave_locked(cfg, job_id, sdir)
+    return sorted(v for v in left if v)
+
+
+def memberships(cfg: Config, job_id: str) -> list[str]:
+    """The versions whose stages have ``job_id`` as a member."""
+    base = os.path.join(cfg.state_dir, "stages")
+    found = (_version_of(os.path.join(base, n)) for n in _listdir(base)
+             if os.path.lexists(os.path.join(base, n, "members", job_id)))
+    return sorted(v for v in found if v)
+
+
+def _version_of(sdir: str) -> str:
+    return _version_in(read_json(os.path.join(sdir, "info.json")))
+
+
+def _version_in(info: Optional[Any]) -> str:
+    ok = isinstance(info, dict) and isinstance(info.get("version"), str)
+    return info["version"] if ok else ""  # type: ignore[index]
+
+
+def _leave_locked(cfg: Config, job_id: str, sdir: str) -> bool:
+    try:
+        os.unlink(os.path.join(sdir, "members", job_id))
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        raise StateError(f"can't remove member {job_id} of {sdir}: {e.strerror}") from e
+    faults.point("stage:member_removed")
+    left = members(sdir)
+    info = read_json(os.path.join(sdir, "info.json"))
+    version = _version_in(info) or sdir
+    if left or (cfg.keep_stage and _is_ready(info)):
+        log.info("job %s left stage %s (%d job(s) remain)", job_id, version, len(left))
+        return False
+    _destroy(sdir, version)
     log.info("job %s left stage %s, the last one: torn down", job_id, version)
     return True
 

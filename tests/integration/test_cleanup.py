@@ -28,7 +28,7 @@ def orphan(cfg: config.Config, site: Site, job_id: str) -> subprocess.Popen:
     """A job whose epilogue never ran: record, stage, cgroup, and a live process in it."""
     p = subprocess.Popen(["sleep", "1000"])
     lifecycle.start_job(cfg, lifecycle.Job(job_id, USER, USER, "batch", "mem=100mb"),
-                        str(site.image), str(site.version), p.pid)
+                        str(site.image), p.pid)
     return p
 
 

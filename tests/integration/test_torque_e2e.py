@@ -126,6 +126,93 @@ exit $bad
         "all ran, no mount lost, mountinfo and state as before"
 
 
+def test_64_jobs_on_two_versions_while_the_symlink_is_switched(node: Node) -> None:
+    """pbs_mom chroots by the allowlisted path after the prologue resolved it (and
+    for every later task): a switch in between must not leave a job unstaged."""
+    import subprocess
+    import threading
+    from pbs_chroot import config, images
+    site, count = node.site, 64
+    v2 = site.versions / "v2"
+    subprocess.run(["cp", "-a", str(site.version), str(v2)], check=True)
+    for v in (site.version, v2):
+        (v / "etc" / "img-version").write_text(v.name + "\n")
+    assert node.emu.run(node.job(node.rootdir())).job_rc == 0  # the state dir's files
+    before, state_before = mount_points(), site.state_files()
+    home = home_of(USER)
+    script = """#!/bin/sh
+echo "version=$(cat /etc/img-version)"
+touch "$HOME/started.$PBS_JOBID"
+bad=0
+until [ -e "$HOME/end.$PBS_JOBID" ]; do
+  for m in / /proc /sys /dev /dev/pts /dev/shm /home /etc/passwd; do
+    grep -q " $m " /proc/self/mountinfo || { echo "lost $m"; bad=1; }
+  done
+  test -c /dev/null && test -r "$0" && test -d "$HOME" || { echo "lost a path"; bad=1; }
+  sleep 0.3
+done
+exit $bad
+"""
+    cfg = config.load(str(site.config))
+    stop, switches = threading.Event(), [0]
+
+    def switcher() -> None:
+        while not stop.is_set():
+            images.switch(cfg, str(site.image), str(v2 if switches[0] % 2 == 0 else site.version))
+            switches[0] += 1
+            time.sleep(random.uniform(0, 0.05))
+
+    thread = threading.Thread(target=switcher)
+    thread.start()
+    running: dict = {}
+    results: dict = {}
+    try:
+        jobs = [node.job(node.rootdir(), script) for _ in range(count)]
+        waves = [jobs[:count // 2], jobs[count // 2:]]
+        for wave in waves:  # the second wave starts while the first ends: overlap
+            for j in wave:
+                running[j.job_id] = node.emu.start(j)
+                time.sleep(random.uniform(0, 0.02))
+            deadline = time.monotonic() + 120
+            while not all((home / f"started.{j.job_id}").exists() for j in wave):
+                assert time.monotonic() < deadline, "jobs did not all start"
+                for r in running.values():
+                    r.poll()
+                time.sleep(0.05)
+            ending = [j for j in jobs if j.job_id in running and j.job_id not in results]
+            random.shuffle(ending)
+            for j in ending[:len(ending) // 2 if wave is waves[0] else None]:
+                (home / f"end.{j.job_id}").touch()
+                results[j.job_id] = running[j.job_id].wait(60)
+    finally:
+        stop.set()
+        thread.join()
+        for job_id, r in running.items():
+            if job_id not in results:
+                (home / f"end.{job_id}").touch()
+                results[job_id] = r.wait(60)
+    seen = {}
+    for job_id, res in results.items():
+        assert res.action == "ran" and res.job_rc == 0, (job_id, res.stdout, res.stderr)
+        assert res.epilogue_rc == 0
+        seen[job_id] = res.stdout.split("version=")[1].split()[0]
+    assert set(seen.values()) == {"v1", "v2"}, seen  # both versions really ran jobs
+    assert switches[0] >= 10
+    assert mount_points() == before
+    after = site.state_files()  # plus the audit mark of v2's first set-up
+    assert [f for f in after if not f.startswith("audit/")] == \
+        [f for f in state_before if not f.startswith("audit/")]
+    assert len(after) == len(state_before) + 1 and set(state_before) <= set(after)
+    assert node.offline_calls() == []
+    acct = {a["job_id"]: a for a in site.accounting_lines()}
+    both = [a for a in acct.values() if len(a.get("versions", ())) == 2]
+    assert both, "no running job was staged in the second version by a switch"
+    from tests.conftest import SUMMARY
+    SUMMARY["concurrent jobs on two versions, symlink switched meanwhile"] = (
+        f"{count} jobs, {switches[0]} switches, {sum(v == 'v2' for v in seen.values())} ran "
+        f"in v2, all ran, no mount lost, mountinfo and state as before")
+
+
 @pytest.mark.parametrize("point", FAULT_POINTS)
 def test_prologue_killed_then_epilogue_leaves_nothing(site: Site, syslog: Syslog,
                                                       point: str) -> None:
