@@ -266,7 +266,9 @@ def test_kill_returns_how_many_it_killed(cg: CgroupV2, spawn: Spawner, tmp_path:
 
 def test_fork_bomb_is_held_by_pids_max_and_killed(cg: CgroupV2, spawn: Spawner) -> None:
     cg.set_limits(Limits(pids_max=30))
-    bomb = spawn.start(cg, ["sh", "-c", "exec 2>/dev/null; b() { b | b & }; b; sleep 1000"])
+    # The bomb forks from a background child, while the process we wait for
+    # becomes a sleeper at once: a shell that fails to fork exits on its own.
+    bomb = spawn.start(cg, ["sh", "-c", "exec 2>/dev/null; b() { b | b & }; b & exec sleep 1000"])
     deadline = time.monotonic() + 10
     while "max 0" in read(cg, "pids.events"):  # no fork refused yet
         assert time.monotonic() < deadline, "the bomb never reached pids.max"
