@@ -1,4 +1,4 @@
-"""The admin CLI, ``pbs-chroot``: install, check, run, cleanup, selftest, report.
+"""The admin CLI, ``pbs-chroot``: install, check, run, cleanup, selftest, image, report.
 
 Run as root by a site admin. Trusts its arguments; refuses a config or an
 image that is not root-owned and protected. Exit codes: 0 success, 2 bad
@@ -296,6 +296,9 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser("selftest", help="check this node against its config and images "
                        "(gate, stages, escapes, cgroups), without touching running jobs")
     t.add_argument("--user", default="nobody", help="unprivileged user for the escape probes")
+    from . import images
+    images.add_arguments(sub.add_parser(
+        "image", help="image versions: build, audit, deploy, rollback, list, gc"))
     report.add_arguments(sub.add_parser(
         "report", help="jobs, CPU hours, peak memory and OOM kills per user and per image"))
     return p
@@ -324,6 +327,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return cleanup(args.config, args.dry_run)
         if args.command == "report":
             return report.main_report(args)
+        if args.command == "image":
+            from .images import main_image
+            cfg = config_mod.load(args.config)
+            log.use_socket(cfg.syslog_socket)
+            return main_image(cfg, args)
         return check(args.config)
     except UserError as e:
         print(f"pbs-chroot: {e.detail}", file=sys.stderr)

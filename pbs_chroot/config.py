@@ -57,6 +57,7 @@ class Image(NamedTuple):
     users: frozenset[str] = frozenset()
     groups: frozenset[str] = frozenset()
     queues: frozenset[str] = frozenset()
+    versions: str = ""   # where its versions live ('' = beside the current one)
 
 
 class Config(NamedTuple):
@@ -203,14 +204,18 @@ def _image(path: str, image_path: str, section: "object") -> Image:
         raise ConfigError(f"config {path}: image path {image_path!r} must be absolute and "
                           "normalised (no trailing slash, '.', '..' or '//')")
     fields = dict(section.items())  # type: ignore[attr-defined]
-    unknown = set(fields) - {"users", "groups", "queues"}
+    unknown = set(fields) - {"users", "groups", "queues", "versions"}
     if unknown:
         raise ConfigError(f"config {path}: unknown setting(s) for image {image_path}: "
                           f"{', '.join(sorted(unknown))}")
 
     def names(key: str) -> frozenset[str]:
         return frozenset(fields.get(key, "").replace(",", " ").split())
-    return Image(image_path, names("users"), names("groups"), names("queues"))
+    versions = fields.get("versions", "").strip()
+    if versions and not _is_normal_abs(versions):
+        raise ConfigError(f"config {path}: image {image_path}: versions must be an absolute, "
+                          "normalised path")
+    return Image(image_path, names("users"), names("groups"), names("queues"), versions)
 
 
 def _is_normal_abs(p: str) -> bool:

@@ -12,7 +12,8 @@ from typing import Optional
 
 from .errors import UnsafePathError
 
-__all__ = ["check_admin_stat", "resolve_admin_path", "check_version_private", "open_in_root"]
+__all__ = ["check_admin_stat", "resolve_admin_path", "check_version_private",
+           "check_versions_dir", "open_in_root"]
 
 _MAX_LINKS = 40
 _O_PATH = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -91,9 +92,17 @@ def check_version_private(version: str) -> None:
     could run the image's setuid programs (an old sudo or pkexec) as root,
     or plant files in its world-writable directories. The directory holding
     the versions must give group and others no access; pbs_mom and the shim
-    chroot as root and do not need it.
+    chroot as root and do not need it. A version on a file system mounted
+    read-only and nosuid (CVMFS) is safe to reach.
     """
-    parent = os.path.dirname(version)
+    st = os.statvfs(version)
+    if st.f_flag & os.ST_RDONLY and st.f_flag & os.ST_NOSUID:
+        return
+    check_versions_dir(os.path.dirname(version))
+
+
+def check_versions_dir(parent: str) -> None:
+    """The directory of an image's versions must be root's only (see check_version_private)."""
     mode = stat.S_IMODE(os.stat(parent).st_mode)
     if mode & 0o077:
         raise UnsafePathError(f"image versions in {parent} are reachable by users (mode "

@@ -19,7 +19,7 @@ from .paths import check_version_private, resolve_admin_path
 from .state import check_job_id, node_lock, read_json, write_json
 
 __all__ = ["stage_dir", "bind_set", "join", "join_image", "join_locked", "leave", "leave_all",
-           "sweep", "members", "memberships"]
+           "sweep", "members", "memberships", "version_of"]
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ def leave_all(cfg: Config, job_id: str) -> list[str]:
         for name in _listdir(base):
             sdir = os.path.join(base, name)
             if os.path.lexists(os.path.join(sdir, "members", job_id)):
-                left.append(_version_of(sdir))
+                left.append(version_of(sdir))
                 _leave_locked(cfg, job_id, sdir)
     return sorted(v for v in left if v)
 
@@ -123,12 +123,13 @@ def leave_all(cfg: Config, job_id: str) -> list[str]:
 def memberships(cfg: Config, job_id: str) -> list[str]:
     """The versions whose stages have ``job_id`` as a member."""
     base = os.path.join(cfg.state_dir, "stages")
-    found = (_version_of(os.path.join(base, n)) for n in _listdir(base)
+    found = (version_of(os.path.join(base, n)) for n in _listdir(base)
              if os.path.lexists(os.path.join(base, n, "members", job_id)))
     return sorted(v for v in found if v)
 
 
-def _version_of(sdir: str) -> str:
+def version_of(sdir: str) -> str:
+    """The version a stage state directory is of ('' if unknown)."""
     return _version_in(read_json(os.path.join(sdir, "info.json")))
 
 
@@ -261,8 +262,8 @@ def _report_setuid(cfg: Config, version: str) -> None:
     Runs under the node lock, so it stays on the version's file system and
     stops after _AUDIT_SECONDS, saying so.
     """
-    if os.path.exists(_audit_mark(cfg, version)):
-        return
+    if os.path.exists(_audit_mark(cfg, version)) or os.statvfs(version).f_flag & os.ST_NOSUID:
+        return  # seen, or on a nosuid file system (CVMFS): nothing to neutralise
     dev, deadline = os.stat(version).st_dev, time.monotonic() + _AUDIT_SECONDS
     found: list[str] = []
     for top, dirs, files in os.walk(version):

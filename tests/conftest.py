@@ -218,6 +218,10 @@ class Site:
         self.version = self.versions / "v1"
         # cp -a, not copytree: images hold device nodes (debootstrap's /dev/console).
         subprocess.run(["cp", "-a", str(image_src), str(self.version)], check=True)
+        # The image carries its mount points, as `pbs-chroot image build` makes them:
+        # this site binds the test users' homes too.
+        home = self.version / str(tmpfs_root() / "home").lstrip("/")
+        home.mkdir(parents=True, exist_ok=True)
         (base / "chroot").mkdir(mode=0o755)
         self.image = base / "chroot" / "sl5"       # what users write in PBS_O_ROOTDIR
         self.image.symlink_to(self.version)
