@@ -538,6 +538,12 @@ def add_arguments(p: "Any") -> None:
     r.add_argument("version", nargs="?")
     ls = sub.add_parser("list", help="versions, the current one, and the jobs using each")
     ls.add_argument("name", nargs="?")
+    m = sub.add_parser("rpm", help="write (and build, where rpmbuild exists) an RPM that "
+                       "installs VERSION and switches the image to it")
+    m.add_argument("name")
+    m.add_argument("version", help="a version directory name of this image")
+    m.add_argument("--out", default=".", help="where the spec and rpmbuild's tree go")
+    m.add_argument("--no-build", action="store_true", help="write the spec only")
     g = sub.add_parser("gc", help="remove old versions no running job uses")
     g.add_argument("name")
     g.add_argument("--keep", type=int, required=True, help="newest versions to keep")
@@ -574,12 +580,29 @@ def main_image(cfg: Config, args: "Any") -> int:
         _say_setuid(result, print)
         print(f"built {version}; switch to it: pbs-chroot image deploy {img.path} {version}")
         return 0
+    if cmd == "rpm":
+        return _rpm(cfg, img, args.version, os.path.abspath(args.out), not args.no_build)
     if cmd == "deploy":
         deploy(cfg, img, args.source, args.strip_setuid)
     elif cmd == "rollback":
         rollback(cfg, img, args.version)
     else:
         gc(cfg, img, args.keep, args.dry_run)
+    return 0
+
+
+def _rpm(cfg: Config, img: Image, version: str, out: str, build_it: bool) -> int:
+    import shutil
+    from . import rpm
+    name = os.path.basename(img.path)
+    os.makedirs(out, 0o755, exist_ok=True)
+    spec = rpm.write_image_spec(name, version, img.path, versions_dir(img), out,
+                                config=cfg.path)
+    print(f"wrote {spec}")
+    if build_it and shutil.which("rpmbuild"):
+        print(f"built {rpm.build_rpm(spec, os.path.join(out, 'rpmbuild'))}")
+    elif build_it:
+        print("rpmbuild not found: build it with `rpmbuild -bb` on a machine that has it")
     return 0
 
 

@@ -278,3 +278,22 @@ def test_deploy_from_a_staged_tree_copies_the_image_not_the_host(site: Site) -> 
         assert f.read() == (site.version / "etc" / "passwd").read_text()
     assert "pbsct" not in (site.version / "etc" / "passwd").read_text()
     assert mount_points() == before
+
+
+@pytest.mark.skipif(not __import__("shutil").which("rpmbuild"),
+                    reason="needs rpmbuild (Debian's rpm package; scripts/setup installs it)")
+def test_image_rpm_writes_and_builds_a_spec_for_a_version(site: Site) -> None:
+    site.write_config()
+    out = site.base / "rpms"
+    res = cli(site, "image", "rpm", "sl5", "v1", "--out", str(out))
+    spec = out / "pbs-chroot-image-sl5-v1.spec"
+    assert f"wrote {spec}" in res.stdout and spec.exists()
+    built = res.stdout.splitlines()[-1].split(" ", 1)[1]
+    assert built.endswith(".rpm") and os.path.exists(built)
+    files = subprocess.run(["rpm", "-qpl", "--nosignature", built], capture_output=True,
+                           text=True, check=True).stdout.splitlines()
+    assert str(site.version / "bin" / "busybox") in files
+    scripts = subprocess.run(["rpm", "-qp", "--scripts", "--nosignature", built],
+                             capture_output=True, text=True, check=True).stdout
+    assert f'--config {site.config} image rollback "$image" "$tree"' in scripts
+    assert f"image={site.image}\n" in scripts and f"tree={site.version}\n" in scripts
