@@ -66,7 +66,7 @@ def test_debian11_build_deploy_switch_rollback_gc(tmp_path: Path, image_root: Pa
     master = tmp_path / "master"  # the master copy the nodes rsync from
     subprocess.run(["cp", "-a", first, str(master)], check=True)  # (no stage up now)
     (master / "etc" / "pbs-test-marker").write_text("second\n")
-    long_job = job("go")
+    long_job = job(f"go-{tmp_path.name}")  # (homes outlive a test: a name of its own)
     try:
         deadline = time.monotonic() + 30
         while "jobs: run-" not in cli("image", "list", "deb11"):
@@ -81,7 +81,7 @@ def test_debian11_build_deploy_switch_rollback_gc(tmp_path: Path, image_root: Pa
         cli("image", "rollback", "deb11", os.path.basename(second))
         out = cli("image", "gc", "deb11", "--keep", "1")
         assert f"kept {first} (in use by run-" in out and os.path.isdir(first)
-        (home_of(USER) / "go").touch()
+        (home_of(USER) / f"go-{tmp_path.name}").touch()
         assert ran(long_job)[1] == "built"  # it kept its version to the end
     finally:
         if long_job.poll() is None:

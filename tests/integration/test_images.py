@@ -154,7 +154,7 @@ def test_deploy_rollback_list_gc_with_a_running_job(site: Site) -> None:
                                  USER, "--", "/bin/sh", "-c", script],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
-    long_job = job("go")
+    long_job = job(f"go-{site.base.name}")  # (homes outlive a test: a name of its own)
     try:
         acceptance_steps(site, long_job, job, source, first)
     finally:
@@ -190,7 +190,7 @@ def acceptance_steps(site: Site, long_job: "subprocess.Popen[str]", job: "Any",
     res = cli(site, "image", "gc", "sl5", "--keep", "1")
     assert f"kept {first} (in use by run-" in res.stdout  # the running job's
     assert os.path.isdir(first)
-    (home_of(USER) / "go").touch()
+    (home_of(USER) / f"go-{site.base.name}").touch()
     out, err = long_job.communicate(timeout=30)
     assert long_job.returncode == 0 and out.splitlines()[0] == "first", err
     res = cli(site, "image", "gc", "sl5", "--keep", "1")

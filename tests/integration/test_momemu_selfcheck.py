@@ -68,10 +68,16 @@ def fixture_keys(name: str) -> list:
 
 
 def leftovers() -> list:
-    """Processes carrying our marker in their environment, and our zombie children."""
+    """Processes carrying our marker in their environment, and our zombie children.
+
+    Only in this run's mount namespace: a test run beside this one has its own.
+    """
     found = []
+    ours = os.readlink("/proc/self/ns/mnt")
     for name in filter(str.isdigit, os.listdir("/proc")):
         try:
+            if os.readlink(f"/proc/{name}/ns/mnt") != ours:
+                continue
             environ = Path(f"/proc/{name}/environ").read_bytes()
             status = Path(f"/proc/{name}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
