@@ -130,8 +130,7 @@ def test_64_jobs_on_two_versions_while_the_symlink_is_switched(node: Node) -> No
     """pbs_mom chroots by the allowlisted path after the prologue resolved it (and
     for every later task): a switch in between must not leave a job unstaged."""
     import subprocess
-    import threading
-    from pbs_chroot import config, images
+    import sys
     site, count = node.site, 64
     v2 = site.versions / "v2"
     subprocess.run(["cp", "-a", str(site.version), str(v2)], check=True)
@@ -153,17 +152,12 @@ until [ -e "$HOME/end.$PBS_JOBID" ]; do
 done
 exit $bad
 """
-    cfg = config.load(str(site.config))
-    stop, switches = threading.Event(), [0]
-
-    def switcher() -> None:
-        while not stop.is_set():
-            images.switch(cfg, str(site.image), str(v2 if switches[0] % 2 == 0 else site.version))
-            switches[0] += 1
-            time.sleep(random.uniform(0, 0.05))
-
-    thread = threading.Thread(target=switcher)
-    thread.start()
+    # The switcher is a process of its own (the emulator forks: no threads here).
+    stop, log = site.base / "stop-switching", site.base / "switcher.log"
+    with open(log, "w") as err:
+        switcher = subprocess.Popen([sys.executable, "-c", SWITCHER, str(site.config),
+                                     str(site.image), str(v2), str(site.version), str(stop)],
+                                    stdout=subprocess.PIPE, stderr=err, text=True)
     running: dict = {}
     results: dict = {}
     try:
@@ -185,8 +179,10 @@ exit $bad
                 (home / f"end.{j.job_id}").touch()
                 results[j.job_id] = running[j.job_id].wait(60)
     finally:
-        stop.set()
-        thread.join()
+        stop.touch()
+        out = switcher.communicate(timeout=60)[0]
+        assert switcher.returncode == 0, log.read_text()[-2000:]
+        switches = int(out)
         for job_id, r in running.items():
             if job_id not in results:
                 (home / f"end.{job_id}").touch()
@@ -197,7 +193,7 @@ exit $bad
         assert res.epilogue_rc == 0
         seen[job_id] = res.stdout.split("version=")[1].split()[0]
     assert set(seen.values()) == {"v1", "v2"}, seen  # both versions really ran jobs
-    assert switches[0] >= 10
+    assert switches >= 10
     assert mount_points() == before
     after = site.state_files()  # plus the audit mark of v2's first set-up
     assert [f for f in after if not f.startswith("audit/")] == \
@@ -209,8 +205,21 @@ exit $bad
     assert both, "no running job was staged in the second version by a switch"
     from tests.conftest import SUMMARY
     SUMMARY["concurrent jobs on two versions, symlink switched meanwhile"] = (
-        f"{count} jobs, {switches[0]} switches, {sum(v == 'v2' for v in seen.values())} ran "
+        f"{count} jobs, {switches} switches, {sum(v == 'v2' for v in seen.values())} ran "
         f"in v2, all ran, no mount lost, mountinfo and state as before")
+
+
+SWITCHER = """
+import os, random, sys, time
+from pbs_chroot import config, images
+cfg_path, image, a, b, stop = sys.argv[1:]
+cfg, n = config.load(cfg_path), 0
+while not os.path.exists(stop):
+    images.switch(cfg, image, a if n % 2 == 0 else b)
+    n += 1
+    time.sleep(random.uniform(0, 0.05))
+print(n)
+"""
 
 
 @pytest.mark.parametrize("point", FAULT_POINTS)
