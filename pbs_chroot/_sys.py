@@ -4,9 +4,14 @@ The only module that imports ctypes. Every wrapper raises
 OSError(errno, strerror, path) on failure. Run as root by the hooks, the
 runner and the shim; trusts its callers to pass validated paths.
 """
+from __future__ import annotations
+
 import ctypes
 import os
-from typing import Optional
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Optional
 
 __all__ = [
     "MS_RDONLY", "MS_NOSUID", "MS_NODEV", "MS_NOEXEC", "MS_REMOUNT", "MS_BIND",

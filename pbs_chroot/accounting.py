@@ -3,12 +3,17 @@
 Run as root by the epilogue and the runner; read by `pbs-chroot report`.
 The log is root-owned, mode 0640.
 """
-import fcntl
-import json
-import os
-from typing import Any
+from __future__ import annotations
 
+import fcntl
+import os
+
+from . import jsonio
 from .errors import StateError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = ["SCHEMA", "append"]
 
@@ -17,7 +22,7 @@ SCHEMA = 1
 
 def append(path: str, record: dict[str, Any]) -> None:
     """Append ``record`` (plus the schema number) as one line, atomically for readers."""
-    line = json.dumps({"schema": SCHEMA, **record}, sort_keys=True) + "\n"
+    line = jsonio.dumps({"schema": SCHEMA, **record}) + "\n"
     try:
         os.makedirs(os.path.dirname(path), mode=0o750, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,

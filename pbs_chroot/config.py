@@ -5,11 +5,17 @@ only if root owns it and neither group nor others can write it (the rule
 pbs_mom applies to its own scripts); otherwise ConfigError. See
 examples/pbs_chroot.conf for an annotated example.
 """
+from __future__ import annotations
+
 import os
 import stat
-from typing import NamedTuple, Optional
 
 from .errors import ConfigError
+from .record import Record
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Optional
 
 __all__ = ["DEFAULT_PATH", "BindSpec", "Image", "Config", "load", "parse", "parse_bind"]
 
@@ -33,16 +39,20 @@ DEFAULT_BINDS = (
 )
 
 
-class BindSpec(NamedTuple):
+class BindSpec(Record):
     """One mount of the stage: ``source`` on the host (or "proc") at ``target`` in the image."""
 
-    target: str
-    source: str
-    readonly: bool = False
-    rec: bool = False
-    dev: bool = False
-    noexec: bool = False
-    optional: bool = False
+    __slots__ = ("target", "source", "readonly", "rec", "dev", "noexec", "optional")
+
+    def __init__(self, target: str, source: str, readonly: bool = False, rec: bool = False,
+                 dev: bool = False, noexec: bool = False, optional: bool = False) -> None:
+        self.target = target
+        self.source = source
+        self.readonly = readonly
+        self.rec = rec
+        self.dev = dev
+        self.noexec = noexec
+        self.optional = optional
 
     def describe(self) -> str:
         opts = [o for o, on in (("ro", self.readonly), ("rec", self.rec), ("dev", self.dev),
@@ -50,41 +60,63 @@ class BindSpec(NamedTuple):
         return f"{self.target} <- {self.source} [{','.join(opts) or 'rw'}]"
 
 
-class Image(NamedTuple):
+class Image(Record):
     """An allowlisted image: the exact path users write, and who may use it."""
 
-    path: str
-    users: frozenset[str] = frozenset()
-    groups: frozenset[str] = frozenset()
-    queues: frozenset[str] = frozenset()
-    versions: str = ""   # where its versions live ('' = beside the current one)
+    __slots__ = ("path", "users", "groups", "queues", "versions")
+
+    def __init__(self, path: str, users: frozenset[str] = frozenset(),
+                 groups: frozenset[str] = frozenset(), queues: frozenset[str] = frozenset(),
+                 versions: str = "") -> None:
+        self.path = path
+        self.users = users
+        self.groups = groups
+        self.queues = queues
+        self.versions = versions  # where its versions live ('' = beside the current one)
 
 
-class Config(NamedTuple):
+class Config(Record):
     """The whole configuration, validated."""
 
-    path: str
-    images: tuple[Image, ...]
-    binds: tuple[BindSpec, ...]
-    state_dir: str = "/var/lib/pbs_chroot"
-    pbs_home: str = "/var/spool/torque"
-    job_info: str = "auto"
-    qstat: str = "/usr/bin/qstat"
-    job_info_timeout: float = 30.0
-    lock_timeout: float = 60.0
-    offline_node: bool = True
-    node_name: str = ""
-    keep_stage: bool = False
-    syslog_socket: str = "/dev/log"
-    cgroups: bool = True
-    cgroup_parent: str = "pbs_chroot"
-    torque_cgroup_parent: str = "torque"
-    memory_policy: str = "hard"
-    memory_cap: Optional[int] = None
-    limit_swap: bool = False
-    pids_max: Optional[int] = None
-    kill_timeout: float = 30.0
-    accounting_log: str = "/var/log/pbs_chroot/accounting.jsonl"
+    __slots__ = ("path", "images", "binds", "state_dir", "pbs_home", "job_info", "qstat",
+                 "job_info_timeout", "lock_timeout", "offline_node", "node_name", "keep_stage",
+                 "syslog_socket", "cgroups", "cgroup_parent", "torque_cgroup_parent",
+                 "memory_policy", "memory_cap", "limit_swap", "pids_max", "kill_timeout",
+                 "accounting_log")
+
+    def __init__(self, path: str, images: tuple[Image, ...], binds: tuple[BindSpec, ...],
+                 state_dir: str = "/var/lib/pbs_chroot", pbs_home: str = "/var/spool/torque",
+                 job_info: str = "auto", qstat: str = "/usr/bin/qstat",
+                 job_info_timeout: float = 30.0, lock_timeout: float = 60.0,
+                 offline_node: bool = True, node_name: str = "", keep_stage: bool = False,
+                 syslog_socket: str = "/dev/log", cgroups: bool = True,
+                 cgroup_parent: str = "pbs_chroot", torque_cgroup_parent: str = "torque",
+                 memory_policy: str = "hard", memory_cap: Optional[int] = None,
+                 limit_swap: bool = False, pids_max: Optional[int] = None,
+                 kill_timeout: float = 30.0,
+                 accounting_log: str = "/var/log/pbs_chroot/accounting.jsonl") -> None:
+        self.path = path
+        self.images = images
+        self.binds = binds
+        self.state_dir = state_dir
+        self.pbs_home = pbs_home
+        self.job_info = job_info
+        self.qstat = qstat
+        self.job_info_timeout = job_info_timeout
+        self.lock_timeout = lock_timeout
+        self.offline_node = offline_node
+        self.node_name = node_name
+        self.keep_stage = keep_stage
+        self.syslog_socket = syslog_socket
+        self.cgroups = cgroups
+        self.cgroup_parent = cgroup_parent
+        self.torque_cgroup_parent = torque_cgroup_parent
+        self.memory_policy = memory_policy
+        self.memory_cap = memory_cap
+        self.limit_swap = limit_swap
+        self.pids_max = pids_max
+        self.kill_timeout = kill_timeout
+        self.accounting_log = accounting_log
 
     def image(self, path: str) -> Optional[Image]:
         """The allowlisted image whose path equals ``path`` as text, or None."""
@@ -117,29 +149,85 @@ def load(path: str = DEFAULT_PATH) -> Config:
 
 def parse(text: str, path: str = "<string>") -> Config:
     """Parse config text into a Config (no ownership checks: see load())."""
-    import configparser
-    cp = configparser.ConfigParser(interpolation=None, delimiters=("=",),
-                                   comment_prefixes=("#", ";"), inline_comment_prefixes=None)
-    cp.optionxform = str  # type: ignore[assignment,method-assign]  # paths are case-sensitive
-    try:
-        cp.read_string(text, source=path)
-    except configparser.Error as e:
-        raise ConfigError(f"config {path}: {e}") from e
-    main = cp[MAIN] if cp.has_section(MAIN) else {}
+    sections, defaults = _read_ini(text, path)
+
+    def items(name: str) -> dict[str, str]:
+        # configparser's rule: a [DEFAULT] setting holds in every section.
+        own = sections[name]
+        return {**own, **{k: v for k, v in defaults.items() if k not in own}}
+    main = items(MAIN) if MAIN in sections else {}
     unknown = set(main) - set(_FIELDS)
     if unknown:
         raise ConfigError(f"config {path}: unknown setting(s) in [{MAIN}]: "
                           f"{', '.join(sorted(unknown))}")
     values = {k: _convert(path, k, v) for k, v in main.items()}
-    images = tuple(_image(path, s[len(IMAGE_PREFIX):].strip(), cp[s])
-                   for s in cp.sections() if s.startswith(IMAGE_PREFIX))
-    pairs = tuple(cp["binds"].items()) if cp.has_section("binds") else DEFAULT_BINDS
+    images = tuple(_image(path, s[len(IMAGE_PREFIX):].strip(), items(s))
+                   for s in sections if s.startswith(IMAGE_PREFIX))
+    pairs = tuple(items("binds").items()) if "binds" in sections else DEFAULT_BINDS
     binds = tuple(parse_bind(t, v, path) for t, v in pairs)
-    other = [s for s in cp.sections()
-             if s not in (MAIN, "binds") and not s.startswith(IMAGE_PREFIX)]
+    other = [s for s in sections if s not in (MAIN, "binds") and not s.startswith(IMAGE_PREFIX)]
     if other:
         raise ConfigError(f"config {path}: unknown section(s): {', '.join(other)}")
     return Config(path=path, images=images, binds=binds, **values)  # type: ignore[arg-type]
+
+
+def _read_ini(text: str, path: str) -> tuple[dict[str, dict[str, str]], dict[str, str]]:
+    """The sections (in order) and the [DEFAULT] settings of an INI text.
+
+    What configparser.ConfigParser(interpolation=None, delimiters=("=",),
+    comment_prefixes=("#", ";"), inline_comment_prefixes=None) reads, with
+    names kept case-sensitive (paths are): ``name = value`` lines; a line
+    indented deeper than its setting continues the value; whole-line comments;
+    a header runs to the last ']' of its line (as since Python 3.10); no
+    section or setting given twice. configparser costs every job ~10 ms to
+    import. (Review note: one loop of ~45 lines, kept whole so that it reads
+    against configparser's own _read.)
+    """
+    sections: dict[str, dict[str, list[str]]] = {}
+    defaults: dict[str, list[str]] = {}
+    current: Optional[dict[str, list[str]]] = None
+    section, name, indent = "", "", 0
+    seen: set[tuple[str, str]] = set()
+    bad: list[str] = []
+    for lineno, line in enumerate(text.split("\n"), 1):
+        value = line.strip()
+        if value.startswith(("#", ";")):
+            continue
+        if not value:
+            if current is not None and name:
+                current[name].append("")
+            continue
+        depth = len(line) - len(line.lstrip())
+        if current is not None and name and depth > indent:
+            current[name].append(value)
+            continue
+        indent = depth
+        if value.startswith("[") and value.rfind("]") >= 2:
+            section, name = value[1:value.rfind("]")], ""
+            if section in sections:
+                raise ConfigError(f"config {path}: line {lineno}: section [{section}] "
+                                  "appears twice")
+            current = defaults if section == "DEFAULT" else sections.setdefault(section, {})
+        elif current is None:
+            raise ConfigError(f"config {path}: line {lineno}: {value!r} comes before any "
+                              "[section] header")
+        elif "=" not in value:
+            bad.append(f"line {lineno}: {value!r}")
+        else:
+            key, _, rest = value.partition("=")
+            name = key.rstrip()
+            if not name:
+                bad.append(f"line {lineno}: {value!r}")
+            if (section, name) in seen:
+                raise ConfigError(f"config {path}: line {lineno}: {name!r} is set twice in "
+                                  f"[{section}]")
+            seen.add((section, name))
+            current[name] = [rest.strip()]
+    if bad:
+        raise ConfigError(f"config {path}: want 'name = value' lines, got {'; '.join(bad)}")
+    joined = {s: {k: "\n".join(v).rstrip() for k, v in opts.items()}
+              for s, opts in sections.items()}
+    return joined, {k: "\n".join(v).rstrip() for k, v in defaults.items()}
 
 
 _FIELDS = {
@@ -199,11 +287,10 @@ def _number(path: str, key: str, value: str, kind: str) -> Optional[int]:
     return n
 
 
-def _image(path: str, image_path: str, section: "object") -> Image:
+def _image(path: str, image_path: str, fields: dict[str, str]) -> Image:
     if not _is_normal_abs(image_path):
         raise ConfigError(f"config {path}: image path {image_path!r} must be absolute and "
                           "normalised (no trailing slash, '.', '..' or '//')")
-    fields = dict(section.items())  # type: ignore[attr-defined]
     unknown = set(fields) - {"users", "groups", "queues", "versions"}
     if unknown:
         raise ConfigError(f"config {path}: unknown setting(s) for image {image_path}: "

@@ -3,7 +3,11 @@
 Raised by every module; turned into exit codes only by hooks.py and admin.py.
 Classify by who can fix it: the job owner (UserError) or the site (SiteError).
 """
-from typing import Optional
+from __future__ import annotations
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Optional
 
 __all__ = [
     "PbsChrootError", "UserError", "SiteError", "ConfigError", "JobInfoError",

@@ -8,20 +8,25 @@ Exit codes of the prologue: 0 run the job, 1 abort it (the user's fault),
 does not bounce straight back here). The epilogue exits 2 only to flag a
 site fault; pbs_mom just logs it.
 """
-import logging
+from __future__ import annotations
+
 import os
 import sys
-from typing import Callable, Optional, Sequence
 
 from . import config as config_mod
-from . import gate, jobinfo, lifecycle, log
-from .config import Config
+from . import gate, lifecycle, log
 from .errors import PbsChrootError, SiteError, UserError
 from .state import check_job_id, ensure_layout
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Callable, Optional, Sequence
+
+    from .config import Config
+
 __all__ = ["prologue_main", "epilogue_main", "run_main", "offline_node"]
 
-logger = logging.getLogger("pbs_chroot.hooks")
+logger = log.get_logger("pbs_chroot.hooks")
 
 _PROLOGUE_ARGS = 7   # ID USER GROUP JOBNAME RESOURCE_LIST QUEUE ACCOUNT [SCRIPT]
 _EPILOGUE_ARGS = 10  # ID USER GROUP JOBNAME SESSION RESOURCE_LIST USED QUEUE ACCOUNT EXIT [SCRIPT]
@@ -46,6 +51,7 @@ def _prologue(cfg: Config, argv: Sequence[str]) -> None:
         raise SiteError(f"prologue called with {len(argv) - 1} arguments, pbs_mom passes "
                         f"at least {_PROLOGUE_ARGS}")
     job = lifecycle.Job(check_job_id(argv[1]), argv[2], argv[3], argv[6], argv[5])
+    from . import jobinfo  # the prologue's only: the epilogue need not load it
     variables = jobinfo.read_variables(job.job_id, source=cfg.job_info, qstat=cfg.qstat,
                                        timeout=cfg.job_info_timeout)
     image = gate.check_request(variables.entries, jobinfo.lossy_names(variables.raw), cfg,

@@ -10,11 +10,18 @@ Does not trust: the variable names and values, which the job owner chose, nor th
 server's answer to arrive in time or in one piece. Every failure is a JobInfoError
 (fail closed: a job whose variables cannot be read does not start).
 """
+from __future__ import annotations
+
 import os
 import time
-from typing import Any, NamedTuple, NoReturn, Optional
 
+from . import jsonio
 from .errors import JobInfoError
+from .record import Record
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, NoReturn, Optional
 
 __all__ = [
     "JobVariables", "parse_variable_list", "lossy_names", "parse_qstat_xml",
@@ -35,11 +42,14 @@ _MAX_REPLY = 16 * 1024 * 1024  # bytes accepted from the pbs_python child
 _XML_BAD = {c: 0xFFFD for c in list(range(0x20)) + [0xFFFE, 0xFFFF] if c not in (9, 10, 13)}
 
 
-class JobVariables(NamedTuple):
+class JobVariables(Record):
     """A job's Variable_List: unescaped (name, value) pairs and the raw server text."""
 
-    entries: tuple[tuple[str, str], ...]
-    raw: str
+    __slots__ = ("entries", "raw")
+
+    def __init__(self, entries: tuple[tuple[str, str], ...], raw: str) -> None:
+        self.entries = entries
+        self.raw = raw
 
 
 def _unescape_split(text: str) -> list[str]:
@@ -94,18 +104,56 @@ def _decode_xml(data: bytes) -> str:
     return text.translate(_XML_BAD)
 
 
-def _parse_xml_root(data: bytes, job_id: str) -> Any:
-    import xml.etree.ElementTree as ET
+class _Element:
+    """An XML element as xml.etree reads it, as far as parse_qstat_xml looks."""
+
+    __slots__ = ("tag", "text", "children")
+
+    def __init__(self, tag: str) -> None:
+        self.tag = tag
+        self.text = ""  # the character data before the first child
+        self.children: list[_Element] = []
+
+    def findall(self, tag: str) -> list[_Element]:
+        return [c for c in self.children if c.tag == tag]
+
+    def findtext(self, tag: str) -> Optional[str]:
+        return next((c.text for c in self.children if c.tag == tag), None)
+
+
+def _parse_xml_root(data: bytes, job_id: str) -> _Element:
+    """The root element, parsed by expat as ElementTree.fromstring would (namespaces
+    as {uri}tag, comments and processing instructions dropped); xml.etree costs every
+    job ~10 ms to import (re, enum, collections ...)."""
+    import pyexpat
 
     if b"<!DOCTYPE" in data or b"<!ENTITY" in data:
         raise JobInfoError(f"qstat XML for job {job_id}: refusing a DOCTYPE/ENTITY "
                            "declaration", user_msg=_USER_MSG, job_id=job_id)
+    top = _Element("")
+    open_ = [top]
+
+    def start(tag: str, attrs: object) -> None:
+        elem = _Element("{" + tag if "}" in tag else tag)
+        open_[-1].children.append(elem)
+        open_.append(elem)
+
+    def chars(text: str) -> None:
+        if not open_[-1].children:
+            open_[-1].text += text
+
+    parser = pyexpat.ParserCreate(None, "}")
+    parser.buffer_text = True
+    parser.StartElementHandler = start
+    parser.EndElementHandler = lambda tag: open_.pop()
+    parser.CharacterDataHandler = chars
     try:
-        return ET.fromstring(_decode_xml(data))
-    except ET.ParseError as e:
+        parser.Parse(_decode_xml(data), True)
+    except pyexpat.ExpatError as e:
         raise JobInfoError(f"qstat XML for job {job_id} is malformed or truncated "
                            f"({len(data)} bytes): {e}", user_msg=_USER_MSG,
                            job_id=job_id) from e
+    return top.children[0]
 
 
 def parse_qstat_xml(data: bytes, job_id: str) -> JobVariables:
@@ -126,9 +174,9 @@ def parse_qstat_xml(data: bytes, job_id: str) -> JobVariables:
     varlists = mine[0].findall("Variable_List")
     if len(varlists) != 1:
         raise fail(f"expected one <Variable_List>, found {len(varlists)}")
-    if len(varlists[0]):
+    if varlists[0].children:
         raise fail("<Variable_List> has child elements")
-    raw = varlists[0].text or ""
+    raw = varlists[0].text
     return JobVariables(entries=parse_variable_list(raw), raw=raw)
 
 
@@ -159,7 +207,7 @@ def _first_line(data: bytes) -> str:
 
 
 def _read_qstat(job_id: str, qstat: str, timeout: float) -> JobVariables:
-    import subprocess
+    from . import command
 
     def fail(what: str) -> JobInfoError:
         return JobInfoError(f"source qstat: {what}", user_msg=_USER_MSG, job_id=job_id)
@@ -171,30 +219,14 @@ def _read_qstat(job_id: str, qstat: str, timeout: float) -> JobVariables:
     cmd = " ".join(argv)
     try:
         # A new session lets a timeout kill qstat and anything a site wrapper started.
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, env=dict(_QSTAT_ENV),
-                                start_new_session=True)
+        res = command.run(argv, dict(_QSTAT_ENV), timeout)
     except OSError as e:
         raise fail(f"can't run {qstat}: {e.strerror} (errno {e.errno})") from e
-    with proc:
-        try:
-            out, err = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            _kill_group(proc.pid)
-            proc.wait()
-            raise fail(f"`{cmd}` timed out after {timeout:g} s; killed it") from None
-    if proc.returncode != 0:
-        raise fail(f"`{cmd}` exited with status {proc.returncode}: {_first_line(err)}")
-    return parse_qstat_xml(out, job_id)
-
-
-def _kill_group(pgid: int) -> None:
-    import signal
-
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass  # already gone: nothing left to kill
+    if res.timed_out:
+        raise fail(f"`{cmd}` timed out after {timeout:g} s; killed it")
+    if res.returncode != 0:
+        raise fail(f"`{cmd}` exited with status {res.returncode}: {_first_line(res.stderr)}")
+    return parse_qstat_xml(res.stdout, job_id)
 
 
 # --- pbs_python ---------------------------------------------------------------
@@ -238,10 +270,8 @@ def _read_pbs_python(job_id: str, timeout: float) -> JobVariables:
 
 
 def _decode_reply(data: bytes, status: int, job_id: str) -> str:
-    import json
-
     try:
-        reply = json.loads(data.decode("utf-8")) if data else {}
+        reply = jsonio.loads(data.decode("utf-8")) if data else {}
     except ValueError as e:
         raise _pbs_fail(job_id, f"garbled reply from the query child: {e}") from e
     if isinstance(reply, dict) and isinstance(reply.get("raw"), str):
@@ -262,15 +292,13 @@ def _child_statjob(pbs: Any, job_id: str, wfd: int) -> NoReturn:
     """Forked child: run the blocking pbs_python calls, send JSON, always os._exit."""
     code = 1
     try:
-        import json
-
         try:
             msg = {"raw": _statjob_raw(pbs, job_id)}
         except _PbsCallError as e:
             msg = {"error": str(e)}
         except Exception as e:  # the site's C module: report anything it raises
             msg = {"error": f"pbs_python raised {type(e).__name__}: {e}"}
-        data = json.dumps(msg).encode("ascii")
+        data = jsonio.dumps(msg).encode("ascii")
         while data:
             data = data[os.write(wfd, data):]
         code = 0
@@ -348,10 +376,10 @@ def _wait_child(pid: int, deadline: float, job_id: str) -> int:
 
 
 def _kill_child(pid: int) -> None:
-    import signal
+    import _signal  # type: ignore[import-not-found]  # the signal module imports enum
 
     try:
-        os.kill(pid, signal.SIGKILL)
+        os.kill(pid, _signal.SIGKILL)
     except ProcessLookupError:
         pass  # exited on its own
     os.waitpid(pid, 0)

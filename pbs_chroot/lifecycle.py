@@ -4,34 +4,45 @@ Run as root by the hooks and the runner. The job record is written before
 each step, so that end_job() — in the epilogue, a second epilogue or the
 reconciler — can finish or undo a job whose start died at any point.
 """
-import logging
+from __future__ import annotations
+
 import os
 import time
-from contextlib import ExitStack
-from typing import Any, Callable, NamedTuple, Optional
 
 from . import cgroups, faults, stage
-from .config import Config
 from .errors import PbsChrootError
+from .log import get_logger
+from .record import Record
 from .state import delete_record, load_record, save_record
+from .undo import Undo
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Callable, Optional
+
+    from .config import Config
 
 __all__ = ["FAULT_POINTS", "Job", "start_job", "end_job", "job_cgroup_of"]
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 # The fault points of start_job, in order (the tests enumerate every point,
 # these and those inside stage and mounts, by tracing a real job).
 FAULT_POINTS = ("recorded", "cgroup_created", "stage_joined", "attached", "started")
 
 
-class Job(NamedTuple):
+class Job(Record):
     """What a hook knows of a job from its argv."""
 
-    job_id: str
-    user: str
-    group: str = ""
-    queue: str = ""
-    resource_list: str = ""
+    __slots__ = ("job_id", "user", "group", "queue", "resource_list")
+
+    def __init__(self, job_id: str, user: str, group: str = "", queue: str = "",
+                 resource_list: str = "") -> None:
+        self.job_id = job_id
+        self.user = user
+        self.group = group
+        self.queue = queue
+        self.resource_list = resource_list
 
 
 def start_job(cfg: Config, job: Job, image: Optional[str],
@@ -44,7 +55,7 @@ def start_job(cfg: Config, job: Job, image: Optional[str],
     record: dict[str, Any] = {"job_id": job.job_id, "user": job.user, "group": job.group,
                               "queue": job.queue, "image": image, "version": None,
                               "start": time.time(), "stage": None, "cgroup": None}
-    with ExitStack() as undo:
+    with Undo() as undo:
         save_record(cfg.state_dir, record)
         undo.callback(_best_effort, delete_record, cfg.state_dir, job.job_id)
         faults.point("recorded")
@@ -70,7 +81,7 @@ def start_job(cfg: Config, job: Job, image: Optional[str],
 
 
 def _make_cgroup(cfg: Config, job: Job, record: dict[str, Any],
-                 undo: ExitStack) -> cgroups.JobCgroup:
+                 undo: Undo) -> cgroups.JobCgroup:
     from .resources import limits_for
     layout = cgroups.detect()
     torque = cgroups.job_cgroup(layout, cfg.torque_cgroup_parent, job.job_id)

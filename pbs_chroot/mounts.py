@@ -6,23 +6,30 @@ paths.resolve_admin_path() has checked; mount points inside the image are
 opened and created without following symlinks. Teardown trusts only
 /proc/self/mountinfo, never memory.
 """
-import logging
+from __future__ import annotations
+
 import os
 import stat
 import time
-from contextlib import ExitStack
-from typing import NamedTuple, Optional, Sequence
 
 from . import faults
-from .config import BindSpec
 from .errors import MountError, UnsafePathError
+from .log import get_logger
 from .paths import open_in_root
+from .record import Record
+from .undo import Undo
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Optional, Sequence
+
+    from .config import BindSpec
 
 __all__ = ["MountInfo", "MountStep", "read_mountinfo", "mounts_below", "check_base", "plan",
            "apply",
            "teardown", "verify"]
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 # _sys (ctypes) is imported by the functions that mount: a job joining a
 # stage that is already up never pays for it.
@@ -31,24 +38,33 @@ _UMOUNT_TRIES = 5
 _UMOUNT_PAUSE = 0.05
 
 
-class MountInfo(NamedTuple):
+class MountInfo(Record):
     """One line of /proc/self/mountinfo (proc(5))."""
 
-    mount_id: int
-    parent_id: int
-    mount_point: str
-    options: frozenset[str]
-    fstype: str
-    shared: Optional[int] = None  # peer group, from the optional field shared:N
-    super_options: frozenset[str] = frozenset()  # e.g. a v1 cgroup's controllers
+    __slots__ = ("mount_id", "parent_id", "mount_point", "options", "fstype", "shared",
+                 "super_options")
+
+    def __init__(self, mount_id: int, parent_id: int, mount_point: str,
+                 options: frozenset[str], fstype: str, shared: Optional[int] = None,
+                 super_options: frozenset[str] = frozenset()) -> None:
+        self.mount_id = mount_id
+        self.parent_id = parent_id
+        self.mount_point = mount_point
+        self.options = options
+        self.fstype = fstype
+        self.shared = shared                # peer group, from the optional field shared:N
+        self.super_options = super_options  # e.g. a v1 cgroup's controllers
 
 
-class MountStep(NamedTuple):
+class MountStep(Record):
     """One planned mount: ``spec`` applied at ``target`` (a host path inside the stage)."""
 
-    spec: BindSpec
-    target: str
-    is_file: bool
+    __slots__ = ("spec", "target", "is_file")
+
+    def __init__(self, spec: BindSpec, target: str, is_file: bool) -> None:
+        self.spec = spec
+        self.target = target
+        self.is_file = is_file
 
     def describe(self) -> str:
         return f"{self.target}: {self.spec.describe()}"
@@ -140,7 +156,7 @@ def apply(version: str, steps: Sequence[MountStep], keep: frozenset[int] = froze
     admin's, e.g. the file system the image lives on): never unmounted.
     """
     from . import _sys
-    with ExitStack() as undo:
+    with Undo() as undo:
         _self_bind(version)
         undo.callback(_best_effort_teardown, version, keep)
         root_fd = os.open(version, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)

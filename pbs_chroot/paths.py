@@ -6,11 +6,16 @@ checked before it is used. Symlinks are followed only when root owns them and
 the directory that holds them (an admin's symlink, such as an image's stable
 path); paths inside an image stage never follow symlinks at all.
 """
+from __future__ import annotations
+
 import os
 import stat
-from typing import Optional
 
 from .errors import UnsafePathError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Optional
 
 __all__ = ["check_admin_stat", "resolve_admin_path", "check_version_private",
            "check_versions_dir", "open_in_root"]

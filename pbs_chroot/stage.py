@@ -6,22 +6,29 @@ the first job in sets the stage up, the last one out tears it down. A crash
 cannot skew a set the way it skews a counter, and a half-built stage is
 recognised (its info.json never reached "ready") and rebuilt or removed.
 """
-import logging
+from __future__ import annotations
+
 import os
 import stat
 import time
-from typing import Any, Optional, Sequence
 
 from . import faults, gate, mounts
-from .config import BindSpec, Config
+from .config import BindSpec
 from .errors import StateError
+from .log import get_logger
 from .paths import check_version_private, resolve_admin_path
 from .state import check_job_id, node_lock, read_json, write_json
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Optional, Sequence
+
+    from .config import Config
 
 __all__ = ["stage_dir", "bind_set", "join", "join_image", "join_locked", "leave", "leave_all",
            "sweep", "members", "memberships", "version_of"]
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 _AUDIT_SECONDS = 10
 

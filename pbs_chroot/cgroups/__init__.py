@@ -5,13 +5,19 @@ removed below one configured parent (e.g. ``pbs_chroot``) in each hierarchy;
 nothing outside it is ever touched. The job id (checked by state.check_job_id)
 names the job's cgroup.
 """
-import errno
+from __future__ import annotations
+
 import os
-import signal
 import time
-from typing import NamedTuple, Optional, Sequence
+
+import _signal  # type: ignore[import-not-found]  # the signal module imports enum
 
 from ..errors import CgroupError
+from ..record import Record
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Optional, Sequence
 
 __all__ = ["CONTROLLERS_V1", "Layout", "Limits", "Usage", "JobCgroup", "detect", "job_cgroup",
            "read_file", "write_file", "keyed", "make_dir", "remove_dir"]
@@ -21,16 +27,31 @@ CONTROLLERS_V1 = ("memory", "cpuacct", "cpu", "freezer", "pids")
 _POLL = 0.01
 
 
-class Layout(NamedTuple):
+class Layout(Record):
     """Where the node's cgroup controllers are mounted."""
 
-    version: int                  # 1 or 2
-    v1: dict[str, str]            # controller -> mount point (version 1)
-    v2: Optional[str]             # the cgroup2 mount (version 2)
+    __slots__ = ("version", "v1", "v2")
+
+    def __init__(self, version: int, v1: dict[str, str], v2: Optional[str]) -> None:
+        self.version = version    # 1 or 2
+        self.v1 = v1              # controller -> mount point (version 1)
+        self.v2 = v2              # the cgroup2 mount (version 2)
 
 
-class Limits(NamedTuple):
+class Limits(Record):
     """What the job may use, from its Resource_List and the site's policy."""
+
+    __slots__ = ("mem_request", "policy", "mem_cap", "memsw", "pids_max", "cpus")
+
+    def __init__(self, mem_request: Optional[int] = None, policy: str = "hard",
+                 mem_cap: Optional[int] = None, memsw: Optional[int] = None,
+                 pids_max: Optional[int] = None, cpus: int = 1) -> None:
+        self.mem_request = mem_request  # bytes
+        self.policy = policy            # hard | soft | none
+        self.mem_cap = mem_cap          # soft: the hard limit (None: none)
+        self.memsw = memsw              # memory + swap (v1 memsw; v2 swap.max = memsw - mem)
+        self.pids_max = pids_max
+        self.cpus = cpus
 
     def hard_memory(self) -> Optional[int]:
         """The hard memory limit: the request (hard), the cap (soft), and with swap
@@ -38,25 +59,25 @@ class Limits(NamedTuple):
         hard = {"hard": self.mem_request, "soft": self.mem_cap}.get(self.policy)
         return hard or (self.memsw if self.policy != "none" else None)
 
-    mem_request: Optional[int] = None   # bytes
-    policy: str = "hard"                # hard | soft | none
-    mem_cap: Optional[int] = None       # soft: the hard limit (None: none)
-    memsw: Optional[int] = None         # memory + swap (v1 memsw; v2 swap.max = memsw - mem)
-    pids_max: Optional[int] = None
-    cpus: int = 1
 
-
-class Usage(NamedTuple):
+class Usage(Record):
     """What the job used, in normalised units; None where the kernel does not tell."""
 
-    cpu_user_usec: int
-    cpu_system_usec: int
-    mem_peak_bytes: Optional[int]
-    mem_anon_bytes: Optional[int]
-    mem_file_bytes: Optional[int]
-    swap_peak_bytes: Optional[int]
-    oom_kills: int
-    mem_limit_bytes: Optional[int]
+    __slots__ = ("cpu_user_usec", "cpu_system_usec", "mem_peak_bytes", "mem_anon_bytes",
+                 "mem_file_bytes", "swap_peak_bytes", "oom_kills", "mem_limit_bytes")
+
+    def __init__(self, cpu_user_usec: int, cpu_system_usec: int,
+                 mem_peak_bytes: Optional[int], mem_anon_bytes: Optional[int],
+                 mem_file_bytes: Optional[int], swap_peak_bytes: Optional[int],
+                 oom_kills: int, mem_limit_bytes: Optional[int]) -> None:
+        self.cpu_user_usec = cpu_user_usec
+        self.cpu_system_usec = cpu_system_usec
+        self.mem_peak_bytes = mem_peak_bytes
+        self.mem_anon_bytes = mem_anon_bytes
+        self.mem_file_bytes = mem_file_bytes
+        self.swap_peak_bytes = swap_peak_bytes
+        self.oom_kills = oom_kills
+        self.mem_limit_bytes = mem_limit_bytes
 
 
 def read_file(path: str) -> str:
@@ -99,6 +120,7 @@ def remove_dir(path: str) -> None:
     except FileNotFoundError:
         pass
     except OSError as e:
+        import errno
         hint = " (processes left)" if e.errno == errno.EBUSY else ""
         raise CgroupError(f"can't remove cgroup {path}: {e.strerror}{hint}") from e
 
@@ -195,7 +217,7 @@ class JobCgroup:
 
 def _sigkill(pid: int) -> None:
     try:
-        os.kill(pid, signal.SIGKILL)
+        os.kill(pid, _signal.SIGKILL)
     except ProcessLookupError:
         pass
 

@@ -4,13 +4,18 @@ Run as root by the hooks and the runner; files as in the kernel's
 Documentation/admin-guide/cgroup-v1/. Only directories below the configured
 parent are created, written and removed.
 """
+from __future__ import annotations
+
 import os
 import time
-from typing import Optional
 
 from ..errors import CgroupError
 from . import (CONTROLLERS_V1, JobCgroup, Limits, Usage, keyed, make_dir, read_file,
                remove_dir, write_file)
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Optional
 
 __all__ = ["CgroupV1"]
 

@@ -6,12 +6,17 @@ it are created and written: the controllers must already be enabled in the
 subtree_control of the parent's parent (under systemd: a delegated unit, see
 the README).
 """
+from __future__ import annotations
+
 import os
 import time
-from typing import Optional
 
 from ..errors import CgroupError
 from . import JobCgroup, Limits, Usage, keyed, make_dir, read_file, remove_dir, write_file
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Optional
 
 __all__ = ["CgroupV2"]
 

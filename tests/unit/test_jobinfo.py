@@ -447,3 +447,77 @@ def test_auto_falls_back_to_qstat(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     qstat = fake_qstat_cat(tmp_path, "24.vm")
     result = read_variables("24.vm", source="auto", qstat=qstat, timeout=5)
     assert list(result.entries) == EXPECTED["24.vm"]
+
+
+# --- the expat reader sees what xml.etree saw (jobinfo no longer imports it) ------------------
+
+def etree_view(data: bytes, job_id: str) -> Any:
+    """parse_qstat_xml as it was, on xml.etree.ElementTree: (raw) or the error's kind."""
+    from pbs_chroot import jobinfo
+    if b"<!DOCTYPE" in data or b"<!ENTITY" in data:
+        return "refused"
+    try:
+        root = ET.fromstring(jobinfo._decode_xml(data))
+    except ET.ParseError:
+        return "malformed"
+    if root.tag != "Data":
+        return f"root {root.tag}"
+    mine = [j for j in root.findall("Job") if j.findtext("Job_Id") == job_id]
+    if len(mine) != 1:
+        return f"found {len(mine)}"
+    varlists = mine[0].findall("Variable_List")
+    if len(varlists) != 1:
+        return f"lists {len(varlists)}"
+    if len(varlists[0]):
+        return "children"
+    return varlists[0].text or ""
+
+
+def expat_view(data: bytes, job_id: str) -> Any:
+    """parse_qstat_xml now, in etree_view's terms."""
+    import re
+    try:
+        return parse_qstat_xml(data, job_id).raw
+    except JobInfoError as e:
+        for pattern, kind in ((r"DOCTYPE", "refused"), (r"malformed", "malformed"),
+                              (r"root element is <([^>]*)>", "root {}"),
+                              (r"with that Job_Id, found (\d+)", "found {}"),
+                              (r"<Variable_List>, found (\d+)", "lists {}"),
+                              (r"has child elements", "children")):
+            m = re.search(pattern, e.detail)
+            if m:
+                return kind.format(*m.groups())
+        raise
+
+
+@pytest.mark.parametrize("doc", [
+    "<Data><Job><Job_Id>7.vm</Job_Id><Variable_List>A=1<!-- c -->,B=2</Variable_List>"
+    "</Job></Data>",
+    "<Data><Job><Job_Id>7.vm</Job_Id><Variable_List><![CDATA[A=<x>&]]>,B</Variable_List>"
+    "</Job></Data>",
+    "<Data><Job><Job_Id>7.vm</Job_Id><Variable_List>A=&amp;&#x41;&#66;&lt;&gt;&quot;&apos;"
+    "</Variable_List></Job></Data>",
+    "<Data><Job><Job_Id>7.vm</Job_Id><Variable_List>A=&bogus;</Variable_List></Job></Data>",
+    "<Data xmlns='urn:x'><Job><Job_Id>7.vm</Job_Id><Variable_List>A</Variable_List></Job></Data>",
+    "<d:Data xmlns:d='urn:x'><Job><Job_Id>7.vm</Job_Id></Job></d:Data>",
+    "<x:Data><Job/></x:Data>",
+    "<Data>\n <Job>\n  <Job_Id>7.vm</Job_Id>\n  <Variable_List>A=1</Variable_List>\n </Job>\n"
+    "</Data>\n",
+    "<Data><Job><Job_Id>7.<b/>vm</Job_Id><Variable_List>A</Variable_List></Job></Data>",
+    "<Data><Job><Job_Id>7<?pi x?>.vm</Job_Id><Variable_List>A<?pi?>B</Variable_List>"
+    "</Job></Data>",
+    "<Data><Job><Job_Id>7.vm</Job_Id><Variable_List/></Job></Data>",
+    "<Data><Job><Job_Id>7.vm</Job_Id><Variable_List>A<x/>tail</Variable_List></Job></Data>",
+    "<Data><Job><Job_Id>7.vm</Job_Id><Variable_List a='1'>A</Variable_List></Job></Data>x",
+    "<Data><Job><Job_Id>7.vm</Job_Id><Job_Id>8.vm</Job_Id><Variable_List>A</Variable_List>"
+    "</Job></Data>",
+    "<Data><Job><Job_Id></Job_Id></Job><Job><Job_Id>7.vm</Job_Id><Variable_List>V</Variable_List>"
+    "</Job></Data>",
+    '<?xml version="1.0" encoding="ISO-8859-1"?><Data><Job><Job_Id>7.vm</Job_Id>'
+    "<Variable_List>A=\u00e9</Variable_List></Job></Data>",
+    "<Data><Job><Job_Id>7.vm</Job_Id><Variable_List>A=\x01\udcff</Variable_List></Job></Data>",
+    "<Data></Data><Data/>", "<Data>", "", "  ", "<Jobs/>",
+])
+def test_expat_reader_agrees_with_etree(doc: str) -> None:
+    data = doc.encode("utf-8", "surrogateescape")
+    assert expat_view(data, "7.vm") == etree_view(data, "7.vm")
