@@ -8,7 +8,7 @@ from tests.conftest import REPO
 
 
 @pytest.mark.parametrize("tool, args", [
-    ("flake8", ["pbs_chroot", "tests", "prologue/prologue", "epilogue/epilogue"]),
+    ("flake8", ["pbs_chroot", "tests", "benchmarks", "prologue/prologue", "epilogue/epilogue"]),
     ("mypy", []),
 ])
 def test_lint(tool: str, args: list) -> None:

@@ -1,0 +1,1 @@
+"""pbs_chroot's benchmarks: `sudo ./benchmarks/run` (see benchmarks/README.md)."""
