@@ -48,8 +48,9 @@ def run(argv: Sequence[str], env: dict[str, str], timeout: float) -> Completed:
 
     OSError (with the exec's errno) if it cannot be started.
     """
-    if not _posix_spawn_starts_sessions():
-        return _run_subprocess(argv, env, timeout)
+    inherited = _inheritable_fds()
+    if inherited is None or not _posix_spawn_starts_sessions():
+        return _run_subprocess(argv, env, timeout)  # it closes every descriptor itself
     deadline = time.monotonic() + timeout
     out_r, out_w = _pipe()
     err_r, err_w = _pipe()
@@ -58,7 +59,7 @@ def run(argv: Sequence[str], env: dict[str, str], timeout: float) -> Completed:
             (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDWR, 0),  # as DEVNULL
             (os.POSIX_SPAWN_DUP2, out_w, 1),
             (os.POSIX_SPAWN_DUP2, err_w, 2),
-        ] + [(os.POSIX_SPAWN_CLOSE, fd) for fd in _inheritable_fds()],
+        ] + [(os.POSIX_SPAWN_CLOSE, fd) for fd in inherited],
             setsid=True, setsigdef=(_signal.SIGPIPE, _signal.SIGXFSZ))
     except BaseException:
         os.close(out_r)
@@ -113,12 +114,13 @@ def _pipe() -> tuple[int, int]:
     return ends[0], ends[1]
 
 
-def _inheritable_fds() -> list[int]:
-    """Descriptors above 2 that an exec would pass on (subprocess's close_fds)."""
+def _inheritable_fds() -> Optional[list[int]]:
+    """Descriptors above 2 that an exec would pass on (subprocess's close_fds); None if
+    they can't be listed (no /proc, no descriptor left)."""
     try:
         names = os.listdir("/proc/self/fd")
     except OSError:
-        return []
+        return None
     fds = []
     for name in names:
         try:

@@ -18,7 +18,7 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 from . import mounts, stage
 from .config import Config, Image
-from .errors import PbsChrootError, SiteError, UserError
+from .errors import PbsChrootError, SiteError, UnsafePathError, UserError
 from .paths import check_version_private, check_versions_dir, open_in_root, resolve_admin_path
 from .state import list_records, load_record, node_lock
 
@@ -60,8 +60,9 @@ def current(image: str) -> Optional[str]:
 
 def versions_dir(img: Image) -> str:
     """Where the versions of ``img`` live: configured, beside the current one, or a default."""
-    if img.versions:
-        return img.versions
+    if img.versions:  # one spelling for every comparison: resolved, once it exists
+        return resolve_admin_path(img.versions) if os.path.isdir(img.versions) \
+            else img.versions
     now = current(img.path) if os.path.lexists(img.path) else None
     if now is not None:
         return os.path.dirname(now)
@@ -140,6 +141,9 @@ def switch(cfg: Config, image: str, version: str) -> list[str]:
     target = resolve_admin_path(version)
     check_version_private(target)
     with node_lock(cfg.state_dir, cfg.lock_timeout):
+        # Again under the lock: gc (which takes it too) may have removed it meanwhile.
+        if os.path.basename(target).startswith(".") or resolve_admin_path(version) != target:
+            raise UserError(f"{version} is not a complete version (any more)")
         old = resolve_admin_path(image) if os.path.lexists(image) else None
         if old is not None and os.path.dirname(target) != os.path.dirname(old):
             raise UserError(f"{version} is not beside the current version {old}: versions "
@@ -234,7 +238,7 @@ def audit(cfg: Config, root: str, strip_setuid: bool = False) -> Audit:
                 os.chmod(path, stat.S_IMODE(mode) & ~(stat.S_ISUID | stat.S_ISGID))
                 out.stripped.append(rel)
     for missing in _missing_mount_points(cfg, root):
-        out.problems.append(f"{missing}: mount point missing (`pbs-chroot image build` "
+        out.problems.append(f"{missing}: mount point missing or unusable (`pbs-chroot image build` "
                             "adds them; for a published tree, add them at the source)")
     if not _exists_in(root, "/bin/sh"):
         out.problems.append("/bin/sh: missing (pbs_mom starts the job's shell)")
@@ -263,11 +267,23 @@ def _walk(root: str, dev: int, problems: list[str], skip: set[str]) -> "Any":
 
 
 def _missing_mount_points(cfg: Config, root: str) -> list[str]:
-    missing = []
-    for spec in stage.bind_set(cfg):
-        if not os.path.lexists(root + spec.target) and not spec.optional:
-            missing.append(spec.target)
-    return missing
+    """Mount points the stage would refuse (a symlink on the way) or lack."""
+    bad = []
+    fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        for spec in stage.bind_set(cfg):
+            if spec.optional and spec.source != "proc" and not os.path.exists(spec.source):
+                continue  # the stage skips it on this host
+            try:
+                os.close(open_in_root(fd, spec.target))
+            except UnsafePathError as e:
+                bad.append(f"{spec.target} ({e.detail})")
+            except FileNotFoundError:
+                if not spec.optional:
+                    bad.append(spec.target)
+    finally:
+        os.close(fd)
+    return bad
 
 
 def _exists_in(root: str, path: str, hops: int = 40) -> bool:
@@ -300,8 +316,11 @@ def add_mount_points(cfg: Config, root: str) -> list[str]:
     try:
         for step in steps:
             if os.path.lexists(step.target):
-                continue
-            os.close(open_in_root(fd, step.spec.target, "file" if step.is_file else "dir"))
+                continue  # (a symlink there is the audit's to report)
+            try:
+                os.close(open_in_root(fd, step.spec.target, "file" if step.is_file else "dir"))
+            except UnsafePathError:
+                continue  # a symlink on the way: the audit reports it
             made.append(step.spec.target)
     finally:
         os.close(fd)
@@ -318,7 +337,7 @@ def _prepare(img: Image) -> str:
         os.makedirs(parent, 0o755, exist_ok=True)
         os.mkdir(vdir, 0o700)
         os.chmod(vdir, 0o700)
-    resolve_admin_path(vdir)
+    vdir = resolve_admin_path(vdir)  # the spelling current(), records and mountinfo use
     check_versions_dir(vdir)
     return vdir
 
@@ -353,7 +372,8 @@ def _finish(cfg: Config, tmp: str, vdir: str, name: str, strip_setuid: bool,
                         + (f" (and {len(result.problems) - 10} more)"
                            if len(result.problems) > 10 else ""))
     version = os.path.join(vdir, name)
-    os.rename(tmp, version)
+    os.sync()  # the tree's data on disk before its name: a crash never leaves a valid-looking
+    os.rename(tmp, version)  # version with empty files
     _remember(vdir, version)
     _fsync_dir(vdir)
     return version, result
@@ -390,6 +410,9 @@ def deploy(cfg: Config, img: Image, source: str, strip_setuid: bool = False,
     vdir = _prepare(img)
     existing = os.path.realpath(source) if os.path.isdir(source) else ""
     if existing and os.path.dirname(existing) == os.path.realpath(vdir):
+        if os.path.basename(existing).startswith("."):
+            raise UserError(f"{existing} is not a complete version (a build or a removal "
+                            "that did not finish)")
         version = existing  # already a version of this image: audit and switch
         result = audit(cfg, version, strip_setuid)
         if not result.ok:
@@ -471,6 +494,11 @@ def gc(cfg: Config, img: Image, keep: int, dry_run: bool = False,
         say(f"{'would remove' if dry_run else 'removed'} {version}")
         if not dry_run:
             _remove_tree(os.path.join(vdir, _TRASH + os.path.basename(version)))
+    if not dry_run:  # what an interrupted gc left (out of reach of any switch already)
+        for name in os.listdir(vdir) if os.path.isdir(vdir) else []:
+            if name.startswith(_TRASH):
+                _remove_tree(os.path.join(vdir, name))
+                say(f"removed the rest of an interrupted gc: {name}")
     return removed
 
 

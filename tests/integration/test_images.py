@@ -297,3 +297,45 @@ def test_image_rpm_writes_and_builds_a_spec_for_a_version(site: Site) -> None:
                              capture_output=True, text=True, check=True).stdout
     assert f'--config {site.config} image rollback "$image" "$tree"' in scripts
     assert f"image={site.image}\n" in scripts and f"tree={site.version}\n" in scripts
+
+
+def test_gc_and_rollback_see_through_a_symlinked_versions_dir(site: Site) -> None:
+    """`versions =` written through a (root-owned) symlink: the current version and
+    the ones jobs use are still recognised, whatever the spelling."""
+    link = site.base / "via"
+    link.symlink_to(site.base / "images")
+    site.write_config(images=f"versions = {link / 'sl5'}\n")
+    second_version(site)
+    cli(site, "image", "deploy", "sl5", str(site.versions / "v2"))
+    res = cli(site, "image", "gc", "sl5", "--keep", "1", "--dry-run")
+    assert res.stdout == f"would remove {site.version}\n"  # never v2, the current one
+    cli(site, "image", "rollback", "sl5")
+    assert os.readlink(site.image) == str(site.version)
+    res = cli(site, "image", "gc", "sl5", "--keep", "1")
+    assert res.stdout == f"removed {site.versions / 'v2'}\n"
+    assert os.path.isdir(site.version) and os.readlink(site.image) == str(site.version)
+    # With a running job on the old version, behind the same symlinked spelling:
+    second_version(site, "v3")
+    cfg = config.load(str(site.config))
+    assert lifecycle.start_job(cfg, lifecycle.Job("7.vm", USER, USER, "b"), str(site.image),
+                               None) == str(site.version)
+    try:
+        cli(site, "image", "deploy", "sl5", str(site.versions / "v3"))
+        res = cli(site, "image", "gc", "sl5", "--keep", "1")
+        assert f"kept {site.version} (in use by 7.vm)" in res.stdout
+    finally:
+        lifecycle.end_job(cfg, "7.vm")
+
+
+def test_audit_refuses_symlinked_mount_points(site: Site) -> None:
+    """The stage refuses a symlink on the way to a mount point: so does the audit."""
+    site.write_config()
+    v = second_version(site, "links")
+    os.rename(os.path.join(v, "home"), os.path.join(v, "home.real"))
+    os.symlink("/home", os.path.join(v, "home"))
+    res = cli(site, "image", "audit", v, check=False)
+    assert res.returncode == 1
+    assert "FAIL /home (/home is a symlink in the image" in res.stdout, res.stdout
+    res = cli(site, "image", "deploy", "sl5", str(site.base / "images" / "sl5" / "links"),
+              check=False)
+    assert res.returncode == 2 and os.readlink(site.image) == str(site.version)
