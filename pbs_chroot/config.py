@@ -63,16 +63,17 @@ class BindSpec(Record):
 class Image(Record):
     """An allowlisted image: the exact path users write, and who may use it."""
 
-    __slots__ = ("path", "users", "groups", "queues", "versions")
+    __slots__ = ("path", "users", "groups", "queues", "versions", "identity")
 
     def __init__(self, path: str, users: frozenset[str] = frozenset(),
                  groups: frozenset[str] = frozenset(), queues: frozenset[str] = frozenset(),
-                 versions: str = "") -> None:
+                 versions: str = "", identity: str = "") -> None:
         self.path = path
         self.users = users
         self.groups = groups
         self.queues = queues
         self.versions = versions  # where its versions live ('' = beside the current one)
+        self.identity = identity  # generated, host or nscd ('' = the [pbs_chroot] default)
 
 
 class Config(Record):
@@ -82,7 +83,7 @@ class Config(Record):
                  "job_info_timeout", "lock_timeout", "offline_node", "node_name", "keep_stage",
                  "syslog_socket", "cgroups", "cgroup_parent", "torque_cgroup_parent",
                  "memory_policy", "memory_cap", "limit_swap", "pids_max", "kill_timeout",
-                 "accounting_log")
+                 "accounting_log", "identity")
 
     def __init__(self, path: str, images: tuple[Image, ...], binds: tuple[BindSpec, ...],
                  state_dir: str = "/var/lib/pbs_chroot", pbs_home: str = "/var/spool/torque",
@@ -94,7 +95,8 @@ class Config(Record):
                  memory_policy: str = "hard", memory_cap: Optional[int] = None,
                  limit_swap: bool = False, pids_max: Optional[int] = None,
                  kill_timeout: float = 30.0,
-                 accounting_log: str = "/var/log/pbs_chroot/accounting.jsonl") -> None:
+                 accounting_log: str = "/var/log/pbs_chroot/accounting.jsonl",
+                 identity: str = "generated") -> None:
         self.path = path
         self.images = images
         self.binds = binds
@@ -117,6 +119,7 @@ class Config(Record):
         self.pids_max = pids_max
         self.kill_timeout = kill_timeout
         self.accounting_log = accounting_log
+        self.identity = identity  # how users are known inside images (identity.py)
 
     def image(self, path: str) -> Optional[Image]:
         """The allowlisted image whose path equals ``path`` as text, or None."""
@@ -124,6 +127,11 @@ class Config(Record):
             if img.path == path:
                 return img
         return None
+
+    def identity_of(self, path: str) -> str:
+        """How users are known inside the image whose allowlisted path is ``path``."""
+        img = self.image(path)
+        return img.identity if img is not None and img.identity else self.identity
 
 
 def load(path: str = DEFAULT_PATH) -> Config:
@@ -236,8 +244,9 @@ _FIELDS = {
     "node_name": "str", "keep_stage": "bool", "syslog_socket": "abspath", "cgroups": "bool",
     "cgroup_parent": "cgroupname", "torque_cgroup_parent": "cgroupname",
     "memory_policy": "policy", "memory_cap": "size", "limit_swap": "bool", "pids_max": "count",
-    "kill_timeout": "seconds", "accounting_log": "abspath",
+    "kill_timeout": "seconds", "accounting_log": "abspath", "identity": "identity",
 }
+_IDENTITY_MODES = ("generated", "host", "nscd")
 
 
 def _convert(path: str, key: str, value: str) -> object:
@@ -247,6 +256,8 @@ def _convert(path: str, key: str, value: str) -> object:
         raise ConfigError(f"config {path}: {key} must be an absolute path, not {value!r}")
     if kind == "source" and value not in ("auto", "pbs_python", "qstat"):
         raise ConfigError(f"config {path}: job_info must be auto, pbs_python or qstat")
+    if kind == "identity" and value not in _IDENTITY_MODES:
+        raise ConfigError(f"config {path}: {key} must be generated, host or nscd")
     if kind == "policy" and value not in ("hard", "soft", "none"):
         raise ConfigError(f"config {path}: memory_policy must be hard, soft or none")
     if kind == "cgroupname" and not _is_cgroup_name(value):
@@ -291,7 +302,7 @@ def _image(path: str, image_path: str, fields: dict[str, str]) -> Image:
     if not _is_normal_abs(image_path):
         raise ConfigError(f"config {path}: image path {image_path!r} must be absolute and "
                           "normalised (no trailing slash, '.', '..' or '//')")
-    unknown = set(fields) - {"users", "groups", "queues", "versions"}
+    unknown = set(fields) - {"users", "groups", "queues", "versions", "identity"}
     if unknown:
         raise ConfigError(f"config {path}: unknown setting(s) for image {image_path}: "
                           f"{', '.join(sorted(unknown))}")
@@ -302,7 +313,12 @@ def _image(path: str, image_path: str, fields: dict[str, str]) -> Image:
     if versions and not _is_normal_abs(versions):
         raise ConfigError(f"config {path}: image {image_path}: versions must be an absolute, "
                           "normalised path")
-    return Image(image_path, names("users"), names("groups"), names("queues"), versions)
+    identity = fields.get("identity", "").strip()
+    if identity and identity not in _IDENTITY_MODES:
+        raise ConfigError(f"config {path}: image {image_path}: identity must be generated, "
+                          "host or nscd")
+    return Image(image_path, names("users"), names("groups"), names("queues"), versions,
+                 identity)
 
 
 def _is_normal_abs(p: str) -> bool:

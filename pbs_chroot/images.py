@@ -148,10 +148,12 @@ def switch(cfg: Config, image: str, version: str) -> list[str]:
         if old is not None and os.path.dirname(target) != os.path.dirname(old):
             raise UserError(f"{version} is not beside the current version {old}: versions "
                             f"of one image live in one directory")
-        joined = [job_id for job_id in list_records(cfg.state_dir)
-                  if _of_image(load_record(cfg.state_dir, job_id), image)]
-        if joined:
-            stage.join_locked(cfg, joined, target)
+        records = {job_id: load_record(cfg.state_dir, job_id)
+                   for job_id in list_records(cfg.state_dir)}
+        joined = [job_id for job_id, r in records.items() if _of_image(r, image)]
+        if joined:  # (users: for the stage's generated passwd and group)
+            users = [str((records[j] or {}).get("user") or "") for j in joined]
+            stage.join_locked(cfg, joined, target, users, image)
         _replace_symlink(image, target)
         _remember(os.path.dirname(target), target)
     log.warning("image %s switched from %s to %s (%d running job(s) staged in both)",

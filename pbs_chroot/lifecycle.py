@@ -65,7 +65,7 @@ def start_job(cfg: Config, job: Job, image: Optional[str],
             record["stage"] = "joining"
             save_record(cfg.state_dir, record)
             undo.callback(_best_effort, stage.leave_all, cfg, job.job_id)
-            version = stage.join_image(cfg, job.job_id, image)
+            version = stage.join_image(cfg, job.job_id, image, job.user)
             faults.point("stage_joined")
             record["stage"], record["version"] = "joined", version
         if cg is not None and attach_pid is not None and record["cgroup"]["owned"]:

@@ -12,7 +12,7 @@ import os
 import stat
 import time
 
-from . import faults, gate, mounts
+from . import faults, gate, identity, mounts
 from .config import BindSpec
 from .errors import StateError
 from .log import get_logger
@@ -31,6 +31,8 @@ __all__ = ["stage_dir", "bind_set", "join", "join_image", "join_locked", "leave"
 log = get_logger(__name__)
 
 _AUDIT_SECONDS = 10
+_ID_FILES = ("/etc/passwd", "/etc/group")
+_NSCD = "/var/run/nscd"
 
 
 def stage_dir(cfg: Config, version: str) -> str:
@@ -42,13 +44,24 @@ def stage_dir(cfg: Config, version: str) -> str:
     return os.path.join(cfg.state_dir, "stages", name)
 
 
-def bind_set(cfg: Config) -> tuple[BindSpec, ...]:
+def bind_set(cfg: Config, sdir: str = "", mode: str = "host") -> tuple[BindSpec, ...]:
     """The config's binds plus Torque's job directory, read-only (the job script is there).
 
     Not noexec: the job's shell reads the script's path on stdin and executes it.
+    mode (identity.MODES) "generated": /etc/passwd and /etc/group come from the
+    stage's own files in ``sdir``; "nscd": the image keeps its own files and
+    gets the host's nscd socket directory; "host": the config's binds as they are.
     """
     jobs = os.path.join(cfg.pbs_home, "mom_priv", "jobs")
-    return cfg.binds + (BindSpec(target=jobs, source=jobs, readonly=True, optional=True),)
+    binds = cfg.binds
+    if mode != "host":
+        binds = tuple(b for b in binds if b.target not in _ID_FILES)
+    if mode == "generated":
+        binds += tuple(BindSpec(target=t, source=os.path.join(sdir, os.path.basename(t)),
+                                readonly=True, noexec=True) for t in _ID_FILES)
+    elif mode == "nscd" and not any(b.target == _NSCD for b in binds):
+        binds += (BindSpec(target=_NSCD, source=_NSCD, readonly=True, optional=True),)
+    return binds + (BindSpec(target=jobs, source=jobs, readonly=True, optional=True),)
 
 
 def members(sdir: str) -> list[str]:
@@ -59,14 +72,17 @@ def members(sdir: str) -> list[str]:
         return []
 
 
-def join(cfg: Config, job_id: str, version: str) -> None:
-    """Add ``job_id`` to the stage of ``version``, setting the stage up if needed."""
+def join(cfg: Config, job_id: str, version: str, user: str = "", image: str = "") -> None:
+    """Add ``job_id`` (of ``user``) to the stage of ``version``, setting the stage up if needed.
+
+    image: the allowlisted path ``version`` is of ('' = the config's defaults).
+    """
     check_job_id(job_id)
     with node_lock(cfg.state_dir, cfg.lock_timeout):
-        join_locked(cfg, [job_id], version)
+        join_locked(cfg, [job_id], version, [user], image)
 
 
-def join_image(cfg: Config, job_id: str, image: str) -> str:
+def join_image(cfg: Config, job_id: str, image: str, user: str = "") -> str:
     """Join the stage of the version ``image`` points to now; return that version.
 
     The symlink is resolved (and the version audited) under the node lock,
@@ -79,14 +95,19 @@ def join_image(cfg: Config, job_id: str, image: str) -> str:
     with node_lock(cfg.state_dir, cfg.lock_timeout):
         version = resolve_admin_path(image)
         check_version_private(version)
-        join_locked(cfg, [job_id], version)
+        join_locked(cfg, [job_id], version, [user], image)
     return version
 
 
-def join_locked(cfg: Config, job_ids: Sequence[str], version: str) -> None:
-    """join() for several jobs, for a caller that holds the node lock."""
+def join_locked(cfg: Config, job_ids: Sequence[str], version: str,
+                users: Sequence[str] = (), image: str = "") -> None:
+    """join() for several jobs (``users``: their owners, in order), for a caller that holds
+    the node lock."""
     sdir = stage_dir(cfg, version)
-    steps = mounts.plan(version, bind_set(cfg))
+    mode = cfg.identity_of(image)
+    if mode == "generated":
+        identity.prepare(sdir)
+    steps = mounts.plan(version, bind_set(cfg, sdir, mode))
     info = read_json(os.path.join(sdir, "info.json"))
     problem = _problem(info, version, steps)
     if problem and _in_use(sdir, info, version):
@@ -96,11 +117,12 @@ def join_locked(cfg: Config, job_ids: Sequence[str], version: str) -> None:
                     "kept as it is until they have left", version, problem,
                     len(members(sdir)))
     elif problem:
-        _build(cfg, sdir, version, steps, info)
+        _build(cfg, sdir, version, steps, info, mode)
     faults.point("stage:ready")
-    for job_id in job_ids:
-        _touch(os.path.join(sdir, "members", job_id))
+    for job_id, user in zip(job_ids, list(users) + [""] * (len(job_ids) - len(users))):
+        _touch(os.path.join(sdir, "members", job_id), user)
         log.info("job %s joined stage %s", job_id, version)
+    identity.refresh(sdir)
 
 
 def leave(cfg: Config, job_id: str, version: str) -> bool:
@@ -157,6 +179,7 @@ def _leave_locked(cfg: Config, job_id: str, sdir: str) -> bool:
     info = read_json(os.path.join(sdir, "info.json"))
     version = _version_in(info) or sdir
     if left or (cfg.keep_stage and _is_ready(info)):
+        identity.refresh(sdir)
         log.info("job %s left stage %s (%d job(s) remain)", job_id, version, len(left))
         return False
     _destroy(sdir, version)
@@ -203,7 +226,7 @@ def _in_use(sdir: str, info: Optional[Any], version: str) -> bool:
 
 
 def _build(cfg: Config, sdir: str, version: str, steps: list[mounts.MountStep],
-           info: Optional[Any]) -> None:
+           info: Optional[Any], mode: str = "host") -> None:
     if info is not None:
         mounts.teardown(version, _keep(info))  # a half-built or damaged stage
     table = mounts.read_mountinfo()
@@ -218,6 +241,8 @@ def _build(cfg: Config, sdir: str, version: str, steps: list[mounts.MountStep],
     write_json(os.path.join(sdir, "info.json"), info)  # before the first mount
     faults.point("stage:info_written")
     _report_setuid(cfg, version)
+    if mode == "generated":  # the image's own files, before the stage covers them
+        identity.snapshot_image(version, sdir)
     log.info("setting up stage %s: %s", version, "; ".join(s.describe() for s in steps))
     mounts.apply(version, steps, keep)
     # Marked after the mounts: making mount points changes the version's ctime.
@@ -251,9 +276,15 @@ def _listdir(path: str) -> list[str]:
         return []
 
 
-def _touch(path: str) -> None:
+def _touch(path: str, content: str = "") -> None:
     try:
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            if content:
+                os.ftruncate(fd, 0)
+                os.write(fd, content.encode("utf-8"))
+        finally:
+            os.close(fd)
     except OSError as e:
         raise StateError(f"can't add member {path}: {e.strerror}") from e
 
