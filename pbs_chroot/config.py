@@ -40,7 +40,11 @@ DEFAULT_BINDS = (
 
 
 class BindSpec(Record):
-    """One mount of the stage: ``source`` on the host (or "proc") at ``target`` in the image."""
+    """One mount of the stage: ``source`` on the host at ``target`` in the image.
+
+    Two sources are not paths: "proc", a fresh procfs, and "tmpfs", a fresh
+    tmpfs of mode 1777 (the stage's /tmp: the image's root is read-only).
+    """
 
     __slots__ = ("target", "source", "readonly", "rec", "dev", "noexec", "optional")
 
@@ -83,7 +87,7 @@ class Config(Record):
                  "job_info_timeout", "lock_timeout", "offline_node", "node_name", "keep_stage",
                  "syslog_socket", "cgroups", "cgroup_parent", "torque_cgroup_parent",
                  "memory_policy", "memory_cap", "limit_swap", "pids_max", "kill_timeout",
-                 "accounting_log", "identity")
+                 "accounting_log", "identity", "tmpdir")
 
     def __init__(self, path: str, images: tuple[Image, ...], binds: tuple[BindSpec, ...],
                  state_dir: str = "/var/lib/pbs_chroot", pbs_home: str = "/var/spool/torque",
@@ -96,7 +100,7 @@ class Config(Record):
                  limit_swap: bool = False, pids_max: Optional[int] = None,
                  kill_timeout: float = 30.0,
                  accounting_log: str = "/var/log/pbs_chroot/accounting.jsonl",
-                 identity: str = "generated") -> None:
+                 identity: str = "generated", tmpdir: str = "") -> None:
         self.path = path
         self.images = images
         self.binds = binds
@@ -120,6 +124,7 @@ class Config(Record):
         self.kill_timeout = kill_timeout
         self.accounting_log = accounting_log
         self.identity = identity  # how users are known inside images (identity.py)
+        self.tmpdir = tmpdir  # pbs_mom's $tmpdir: the base of each job's $TMPDIR ('' = none)
 
     def image(self, path: str) -> Optional[Image]:
         """The allowlisted image whose path equals ``path`` as text, or None."""
@@ -245,8 +250,10 @@ _FIELDS = {
     "cgroup_parent": "cgroupname", "torque_cgroup_parent": "cgroupname",
     "memory_policy": "policy", "memory_cap": "size", "limit_swap": "bool", "pids_max": "count",
     "kill_timeout": "seconds", "accounting_log": "abspath", "identity": "identity",
+    "tmpdir": "abspath",
 }
 _IDENTITY_MODES = ("generated", "host", "nscd")
+_SPECIAL_SOURCES = ("proc", "tmpfs")
 
 
 def _convert(path: str, key: str, value: str) -> object:
@@ -340,8 +347,8 @@ def parse_bind(target: str, value: str, path: str = "<string>") -> BindSpec:
     if not _is_normal_abs(target):
         raise ConfigError(f"config {path}: bind target {target!r} must be an absolute, "
                           "normalised path below /")
-    if source != "proc" and not _is_normal_abs(source):
-        raise ConfigError(f"config {path}: bind source {source!r} must be 'proc' or an "
-                          "absolute, normalised path")
+    if source not in _SPECIAL_SOURCES and not _is_normal_abs(source):
+        raise ConfigError(f"config {path}: bind source {source!r} must be 'proc', 'tmpfs' or "
+                          "an absolute, normalised path")
     return BindSpec(target=target, source=source, readonly="ro" in opts, rec="rec" in opts,
                     dev="dev" in opts, noexec="noexec" in opts, optional="optional" in opts)

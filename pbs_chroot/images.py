@@ -274,7 +274,7 @@ def _missing_mount_points(cfg: Config, root: str) -> list[str]:
     fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         for spec in stage.bind_set(cfg):
-            if spec.optional and spec.source != "proc" and not os.path.exists(spec.source):
+            if spec.optional and spec.source.startswith("/") and not os.path.exists(spec.source):
                 continue  # the stage skips it on this host
             try:
                 os.close(open_in_root(fd, spec.target))

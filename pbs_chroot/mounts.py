@@ -134,7 +134,7 @@ def plan(version: str, binds: Sequence[BindSpec]) -> list[MountStep]:
     steps = []
     for spec in binds:
         is_file = False
-        if spec.source != "proc":
+        if spec.source.startswith("/"):  # not a fresh proc or tmpfs
             try:
                 st = os.stat(spec.source)
             except OSError as e:
@@ -199,12 +199,19 @@ def _mount_step(root_fd: int, version: str, step: MountStep) -> None:
         if spec.source == "proc":
             _call(_sys.mount, step.target, "proc", where, "proc",
                   _sys.MS_NOSUID | _sys.MS_NODEV | _sys.MS_NOEXEC)
+        elif spec.source == "tmpfs":
+            # A fresh tmpfs (tmpfs(5)): shared by the stage's jobs like a node's
+            # /tmp, sticky so they cannot remove each other's files; gone with
+            # the stage.
+            _call(_sys.mount, step.target, "tmpfs", where, "tmpfs",
+                  _sys.MS_NOSUID | _sys.MS_NODEV
+                  | (_sys.MS_NOEXEC if spec.noexec else 0), "mode=1777")
         else:
             _call(_sys.mount, step.target, spec.source, where, None,
                   _sys.MS_BIND | (_sys.MS_REC if spec.rec else 0))
     finally:
         os.close(tfd)
-    if spec.source == "proc":
+    if not spec.source.startswith("/"):
         return
     # A bind of a shared mount joins its peer group: receive from the host,
     # never send back.

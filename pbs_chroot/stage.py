@@ -61,6 +61,11 @@ def bind_set(cfg: Config, sdir: str = "", mode: str = "host") -> tuple[BindSpec,
                                 readonly=True, noexec=True) for t in _ID_FILES)
     elif mode == "nscd" and not any(b.target == _NSCD for b in binds):
         binds += (BindSpec(target=_NSCD, source=_NSCD, readonly=True, optional=True),)
+    if cfg.tmpdir and not any(b.target == cfg.tmpdir for b in binds):
+        # Each job's $TMPDIR is a directory pbs_mom makes below this base:
+        # bound whole (rec), so jobs that start later find theirs without a
+        # mount of their own, at the same path as on the host.
+        binds += (BindSpec(target=cfg.tmpdir, source=cfg.tmpdir, rec=True),)
     return binds + (BindSpec(target=jobs, source=jobs, readonly=True, optional=True),)
 
 

@@ -1,0 +1,65 @@
+"""Scratch space inside a stage: Torque's per-job $TMPDIR, the stage's /tmp, /dev/shm."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from pbs_chroot import config, mounts, stage
+from pbs_chroot.state import ensure_layout
+from tests.conftest import GID, UID, USER, Site
+
+pytestmark = [pytest.mark.root,
+              pytest.mark.skipif(os.geteuid() != 0, reason="needs root: real mounts")]
+
+
+def run_in_image(site: Site, script: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pbs_chroot", "--config", str(site.config),
+                           "run", "--image", str(site.image), "--user", USER, "--", "/bin/sh",
+                           "-c", script], capture_output=True, text=True, timeout=60)
+
+
+def test_job_tmpdir_made_after_the_stage_is_there_at_the_same_path(site: Site) -> None:
+    base = site.base / "torque-tmp"  # pbs_mom's $tmpdir
+    base.mkdir(mode=0o755)
+    site.write_config(main=f"tmpdir = {base}\n")
+    cfg = config.load(str(site.config))
+    ensure_layout(cfg.state_dir)
+    v = str(site.version)
+    stage.join(cfg, "1.vm", v, USER)  # the stage is up before job 2's $TMPDIR exists
+    try:
+        job_tmp = base / "2.vm"
+        job_tmp.mkdir(mode=0o700)
+        os.chown(job_tmp, UID, GID)
+        res = run_in_image(site, f"cd {job_tmp} && echo hi > f && ls {job_tmp} && pwd")
+        assert res.returncode == 0, res.stderr
+        assert res.stdout.split() == ["f", str(job_tmp)]
+        assert (job_tmp / "f").read_text() == "hi\n"  # the host's directory, not a copy
+        m = {m.mount_point: m for m in mounts.read_mountinfo()}[v + str(base)]
+        assert {"nosuid", "nodev"} <= m.options and "ro" not in m.options
+    finally:
+        stage.leave(cfg, "1.vm", v)
+
+
+def test_stage_tmp_is_a_sticky_tmpfs_and_dev_shm_is_usable(site: Site) -> None:
+    site.write_config()  # then opt in to a writable /tmp
+    site.config.write_text(site.config.read_text().replace("[binds]\n", "[binds]\n/tmp = tmpfs\n"))
+    res = run_in_image(site, "echo a > /tmp/a && echo b > /dev/shm/pbsct-b && cat /tmp/a "
+                       "/dev/shm/pbsct-b && rm /dev/shm/pbsct-b && stat -c %a /tmp && "
+                       "grep ' /tmp ' /proc/self/mounts")
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert lines[:3] == ["a", "b", "1777"]
+    assert lines[3].split()[2] == "tmpfs" and {"nosuid", "nodev"} <= set(
+        lines[3].split()[3].split(","))
+    assert not (site.version / "tmp" / "a").exists()  # gone with the stage, never in the image
+
+
+def test_tmpfs_and_tmpdir_in_the_config() -> None:
+    cfg = config.parse("[pbs_chroot]\ntmpdir = /scratch/pbs\n[binds]\n/tmp = tmpfs noexec\n")
+    assert cfg.tmpdir == "/scratch/pbs" and cfg.binds[0].source == "tmpfs"
+    targets = {b.target: b for b in stage.bind_set(cfg)}
+    assert targets["/scratch/pbs"].rec and not targets["/scratch/pbs"].readonly
+    assert "/tmp" not in dict(config.DEFAULT_BINDS)  # the image's, read-only, by default
+    with pytest.raises(config.ConfigError):
+        config.parse("[pbs_chroot]\ntmpdir = scratch\n")
