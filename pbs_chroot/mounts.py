@@ -26,8 +26,7 @@ if TYPE_CHECKING:
     from .config import BindSpec
 
 __all__ = ["MountInfo", "MountStep", "read_mountinfo", "mounts_below", "check_base", "plan",
-           "apply",
-           "teardown", "verify"]
+           "apply", "mount_step", "teardown", "verify"]
 
 log = get_logger(__name__)
 
@@ -169,6 +168,15 @@ def apply(version: str, steps: Sequence[MountStep], keep: frozenset[int] = froze
         verify(version, steps, keep)
         undo.pop_all()
     os.close(root_fd)
+
+
+def mount_step(version: str, step: MountStep) -> None:
+    """Add one mount to a stage that is up (its mount point must exist in the image)."""
+    root_fd = os.open(version, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        _mount_step(root_fd, version, step)
+    finally:
+        os.close(root_fd)
 
 
 def _self_bind(version: str) -> None:

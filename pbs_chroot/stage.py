@@ -12,7 +12,7 @@ import os
 import stat
 import time
 
-from . import faults, gate, identity, mounts
+from . import faults, gate, homes, identity, mounts
 from .config import BindSpec
 from .errors import StateError
 from .log import get_logger
@@ -128,6 +128,10 @@ def join_locked(cfg: Config, job_ids: Sequence[str], version: str,
         _touch(os.path.join(sdir, "members", job_id), user)
         log.info("job %s joined stage %s", job_id, version)
     identity.refresh(sdir)
+    for user in sorted(set(users) - {""}):
+        home = _home_of(user)
+        if home:
+            homes.ensure_home(version, sdir, home)
 
 
 def leave(cfg: Config, job_id: str, version: str) -> bool:
@@ -272,6 +276,14 @@ def _destroy(sdir: str, version: str) -> None:
         except OSError as e:
             raise StateError(f"can't remove stage state {path}: {e.strerror}") from e
     log.info("stage %s torn down (%d mounts)", version, n)
+
+
+def _home_of(user: str) -> str:
+    import pwd
+    try:
+        return pwd.getpwnam(user).pw_dir
+    except KeyError:
+        return ""
 
 
 def _listdir(path: str) -> list[str]:

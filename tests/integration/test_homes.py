@@ -1,0 +1,75 @@
+"""A home that is a symlink on the host resolves the same way inside the image."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from pbs_chroot import config, homes, stage
+from pbs_chroot.errors import UnsafePathError
+from pbs_chroot.state import ensure_layout
+from tests.conftest import Site, tmpfs_root
+
+pytestmark = [pytest.mark.root,
+              pytest.mark.skipif(os.geteuid() != 0, reason="needs root: real mounts")]
+
+LINKED, LINKED_UID = "pbsct3", 64126
+
+
+@pytest.fixture
+def linked_home(site: Site) -> Iterator[tuple[Path, Path]]:
+    """User pbsct3, added to the test's own passwd, whose home is root's symlink
+    /BASE/homes/pbsct3 -> /BASE/net/fs1/pbsct3 (as /home/u -> an automounted tree)."""
+    home = site.base / "homes" / LINKED
+    real = site.base / "net" / "fs1" / LINKED
+    real.mkdir(parents=True)
+    os.chmod(site.base / "net", 0o755)
+    os.chmod(site.base / "net" / "fs1", 0o755)
+    os.chown(real, LINKED_UID, LINKED_UID)
+    home.parent.mkdir(mode=0o755)
+    home.symlink_to(real)
+    files = {n: tmpfs_root() / "etc" / n for n in ("passwd", "group")}
+    saved = {n: p.read_text() for n, p in files.items()}
+    for name, line in (("passwd", f"{LINKED}:x:{LINKED_UID}:{LINKED_UID}::{home}:/bin/sh\n"),
+                       ("group", f"{LINKED}:x:{LINKED_UID}:\n")):
+        with open(files[name], "a") as f:  # in place: /etc/{name} is a bind of it
+            f.write(line)
+    try:
+        yield home, real
+    finally:
+        for name, p in files.items():
+            with open(p, "r+") as f:
+                f.write(saved[name])
+                f.truncate()
+
+
+def test_symlinked_home_resolves_inside(site: Site, linked_home: tuple) -> None:
+    home, real = linked_home
+    site.write_config()
+    res = subprocess.run([sys.executable, "-m", "pbs_chroot", "--config", str(site.config),
+                          "run", "--image", str(site.image), "--user", LINKED, "--", "/bin/sh",
+                          "-c", "cd ~ && pwd && touch mine && id -un && readlink $HOME"],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines() == [str(home), LINKED, str(real)]
+    assert (real / "mine").exists()  # the host's directory itself
+    # The chain in the image is root's link, as on the host.
+    assert os.readlink(site.version / str(home).lstrip("/")) == str(real)
+
+
+def test_a_link_not_made_by_root_is_never_followed(site: Site, linked_home: tuple) -> None:
+    home, real = linked_home
+    os.lchown(home, LINKED_UID, LINKED_UID)  # the user's own link: could point anywhere
+    with pytest.raises(UnsafePathError):
+        homes.resolve("/", str(home))
+    site.write_config()
+    cfg = config.load(str(site.config))
+    ensure_layout(cfg.state_dir)
+    v = str(site.version)
+    stage.join(cfg, "1.vm", v, LINKED)
+    try:
+        assert not os.path.lexists(v + str(home)) and not os.path.exists(v + str(real))
+    finally:
+        stage.leave(cfg, "1.vm", v)
