@@ -80,11 +80,29 @@ def ensure_home(version: str, sdir: str, home: str) -> Optional[str]:
         return None
     if not hops or _same(version, home, want):
         return None
-    _make_in_image(version, sdir, real, [h for h in hops if not _in_stage(version, h[0])])
-    from . import mounts
-    from .config import BindSpec
-    step = mounts.MountStep(BindSpec(target=real, source=real, rec=True), version + real, False)
-    mounts.mount_step(version, step)
+    # The source is bound through a descriptor opened with no symlink on the
+    # way (mount(2) follows a source path's links): if a directory on the way
+    # changed since it was resolved, nothing is bound.
+    top = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        src = open_in_root(top, real)
+    except (OSError, UnsafePathError) as e:
+        log.warning("home %s: %s changed while it was resolved: %s", home, real, e)
+        return None
+    finally:
+        os.close(top)
+    try:
+        st = os.fstat(src)
+        if (st.st_dev, st.st_ino) != (want.st_dev, want.st_ino) or not stat.S_ISDIR(st.st_mode):
+            log.warning("home %s: %s changed while it was resolved", home, real)
+            return None
+        _make_in_image(version, sdir, real, [h for h in hops if not _in_stage(version, h[0])])
+        from . import mounts
+        from .config import BindSpec
+        spec = BindSpec(target=real, source=f"/proc/self/fd/{src}", rec=True)
+        mounts.mount_step(version, mounts.MountStep(spec, version + real, False))
+    finally:
+        os.close(src)
     if not _same(version, home, want):
         raise MountError(f"stage {version}: home {home} still does not lead to {real}")
     log.info("stage %s: bound home %s (via %s)", version, real,

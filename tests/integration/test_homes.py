@@ -73,3 +73,23 @@ def test_a_link_not_made_by_root_is_never_followed(site: Site, linked_home: tupl
         assert not os.path.lexists(v + str(home)) and not os.path.exists(v + str(real))
     finally:
         stage.leave(cfg, "1.vm", v)
+
+
+def test_a_home_whose_way_changed_after_resolving_is_not_bound(
+        site: Site, linked_home: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
+    home, real = linked_home
+    swapped = site.base / "swapped"
+    swapped.symlink_to(real)  # as if a directory on the way became a link meanwhile
+    host_resolve = homes.resolve
+    monkeypatch.setattr(homes, "resolve", lambda root, p: (str(swapped), [(str(home), str(real))])
+                        if root == "/" else host_resolve(root, p))
+    site.write_config()
+    cfg = config.load(str(site.config))
+    ensure_layout(cfg.state_dir)
+    v = str(site.version)
+    stage.join(cfg, "1.vm", v, LINKED)
+    try:
+        assert homes.ensure_home(v, stage.stage_dir(cfg, v), str(home)) is None
+        assert not os.path.exists(v + str(real))
+    finally:
+        stage.leave(cfg, "1.vm", v)
