@@ -266,3 +266,17 @@ def test_qstat_failure_fails_closed(node: Node) -> None:
     fakes.set_qstat_fault(node.emu.qstat_jobs_dir, job.job_id, exit_code=1)
     _site_fault(node, job, "qstat")
     node.assert_clean()
+
+
+def test_id_in_a_torque_job_names_the_user_and_every_group(node: Node) -> None:
+    """Acceptance (issue 7): through pbs_mom's own chroot, with the hooks' generated passwd
+    and group: `id` names the user and each supplementary group; `cd ~` lands where it
+    does on the host."""
+    from tests.conftest import EXTRA_GID, EXTRA_GROUP, GID, UID
+    job = node.job(node.rootdir(), script="#!/bin/sh\nid\ncd ~ && pwd\n")
+    res = node.emu.run(job)
+    assert res.action == "ran" and res.job_rc == 0, res.stdout + res.stderr
+    assert res.stdout.splitlines()[-2:] == [
+        f"uid={UID}({USER}) gid={GID}({USER}) groups={GID}({USER}),{EXTRA_GID}({EXTRA_GROUP})",
+        str(home_of(USER))]
+    node.assert_clean()
