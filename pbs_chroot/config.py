@@ -87,7 +87,7 @@ class Config(Record):
                  "job_info_timeout", "lock_timeout", "offline_node", "node_name", "keep_stage",
                  "syslog_socket", "cgroups", "cgroup_parent", "torque_cgroup_parent",
                  "memory_policy", "memory_cap", "limit_swap", "pids_max", "kill_timeout",
-                 "accounting_log", "identity", "tmpdir")
+                 "accounting_log", "identity", "tmpdir", "user_dirs")
 
     def __init__(self, path: str, images: tuple[Image, ...], binds: tuple[BindSpec, ...],
                  state_dir: str = "/var/lib/pbs_chroot", pbs_home: str = "/var/spool/torque",
@@ -100,7 +100,8 @@ class Config(Record):
                  limit_swap: bool = False, pids_max: Optional[int] = None,
                  kill_timeout: float = 30.0,
                  accounting_log: str = "/var/log/pbs_chroot/accounting.jsonl",
-                 identity: str = "generated", tmpdir: str = "") -> None:
+                 identity: str = "generated", tmpdir: str = "",
+                 user_dirs: tuple[str, ...] = ()) -> None:
         self.path = path
         self.images = images
         self.binds = binds
@@ -125,6 +126,7 @@ class Config(Record):
         self.accounting_log = accounting_log
         self.identity = identity  # how users are known inside images (identity.py)
         self.tmpdir = tmpdir  # pbs_mom's $tmpdir: the base of each job's $TMPDIR ('' = none)
+        self.user_dirs = user_dirs  # work directories like a home ("%u": the user's name)
 
     def image(self, path: str) -> Optional[Image]:
         """The allowlisted image whose path equals ``path`` as text, or None."""
@@ -250,7 +252,7 @@ _FIELDS = {
     "cgroup_parent": "cgroupname", "torque_cgroup_parent": "cgroupname",
     "memory_policy": "policy", "memory_cap": "size", "limit_swap": "bool", "pids_max": "count",
     "kill_timeout": "seconds", "accounting_log": "abspath", "identity": "identity",
-    "tmpdir": "abspath",
+    "tmpdir": "abspath", "user_dirs": "userdirs",
 }
 _IDENTITY_MODES = ("generated", "host", "nscd")
 _SPECIAL_SOURCES = ("proc", "tmpfs")
@@ -270,6 +272,11 @@ def _convert(path: str, key: str, value: str) -> object:
     if kind == "cgroupname" and not _is_cgroup_name(value):
         raise ConfigError(f"config {path}: {key} must be a relative cgroup path like "
                           f"'pbs_chroot', not {value!r}")
+    if kind == "userdirs":
+        dirs = tuple(value.split())
+        if not all(d.startswith("/") and ".." not in d.split("/") for d in dirs):
+            raise ConfigError(f"config {path}: {key} must be absolute paths like /work/%u")
+        return dirs
     if kind in ("size", "count"):
         return _number(path, key, value, kind)
     if kind == "seconds":

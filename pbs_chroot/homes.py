@@ -75,6 +75,8 @@ def ensure_home(version: str, sdir: str, home: str) -> Optional[str]:
     try:
         real, hops = resolve("/", home)
         want = os.stat(real)
+    except FileNotFoundError:
+        return None  # (e.g. a work directory this user has not got)
     except (OSError, UnsafePathError) as e:
         log.warning("home %s: left as the bind set makes it: %s", home, e)
         return None

@@ -129,9 +129,10 @@ def join_locked(cfg: Config, job_ids: Sequence[str], version: str,
         log.info("job %s joined stage %s", job_id, version)
     identity.refresh(sdir)
     for user in sorted(set(users) - {""}):
-        home = _home_of(user)
-        if home:
-            homes.ensure_home(version, sdir, home)
+        # Homes and work directories that are links on the host (homes.py).
+        for path in [_home_of(user)] + [d.replace("%u", user) for d in cfg.user_dirs]:
+            if path and "/" not in user:
+                homes.ensure_home(version, sdir, path)
 
 
 def leave(cfg: Config, job_id: str, version: str) -> bool:

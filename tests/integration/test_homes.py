@@ -93,3 +93,25 @@ def test_a_home_whose_way_changed_after_resolving_is_not_bound(
         assert not os.path.exists(v + str(real))
     finally:
         stage.leave(cfg, "1.vm", v)
+
+
+def test_work_directory_link_from_user_dirs_resolves_inside(site: Site) -> None:
+    from tests.conftest import GID, UID, USER
+    work, real = site.base / "work" / USER, site.base / "gpfs" / "proj" / USER
+    real.mkdir(parents=True)
+    for d in (site.base / "gpfs", site.base / "gpfs" / "proj"):
+        os.chmod(d, 0o755)
+    os.chown(real, UID, GID)
+    work.parent.mkdir(mode=0o755)
+    work.symlink_to(real)
+    site.write_config(main=f"user_dirs = {site.base}/work/%u {site.base}/none/%u\n")
+    res = subprocess.run([sys.executable, "-m", "pbs_chroot", "--config", str(site.config),
+                          "run", "--image", str(site.image), "--user", USER, "--", "/bin/sh",
+                          "-c", f"cd {work} && pwd && touch w"],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines() == [str(work)] and (real / "w").exists()
+    assert config.parse("[pbs_chroot]\nuser_dirs = /work/%u /s/%u\n").user_dirs == (
+        "/work/%u", "/s/%u")
+    with pytest.raises(config.ConfigError):
+        config.parse("[pbs_chroot]\nuser_dirs = work/%u\n")
