@@ -210,15 +210,21 @@ def _read_file(path: str) -> str:
 
 
 def _write_in_place(path: str, text: str) -> None:
-    """Replace the content of ``path`` keeping its inode (a bind mount pins it), mode 0644."""
+    """Replace the content of ``path`` keeping its inode (a bind mount pins it), mode 0644.
+
+    A job may read the file meanwhile: shorter new content is first padded
+    with newlines (empty lines, which NSS's file parser skips) to the old
+    length, so no reader ever sees a tail of old entries, then truncated.
+    """
     data = text.encode("utf-8")
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
         try:
             os.fchmod(fd, 0o644)  # the prologue's umask is 0077
+            padded = data + b"\n" * max(0, os.fstat(fd).st_size - len(data))
             done = 0
-            while done < len(data):
-                done += os.pwrite(fd, data[done:], done)
+            while done < len(padded):
+                done += os.pwrite(fd, padded[done:], done)
             os.ftruncate(fd, len(data))
         finally:
             os.close(fd)

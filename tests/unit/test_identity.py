@@ -37,3 +37,13 @@ def test_identity_mode_per_image_and_default() -> None:
     for bad in ("[pbs_chroot]\nidentity = ldap\n", "[image /c/a]\nidentity = files\n"):
         with pytest.raises(ConfigError):
             config.parse(bad)
+
+
+def test_rewrite_keeps_the_inode_and_drops_the_old_tail(tmp_path) -> None:  # type: ignore
+    import os
+    path = tmp_path / "passwd"
+    identity._write_in_place(str(path), "a" * 100 + "\n")
+    ino = os.stat(path).st_ino
+    identity._write_in_place(str(path), "root:x:0:0::/:/bin/sh\n")
+    assert path.read_text() == "root:x:0:0::/:/bin/sh\n" and os.stat(path).st_ino == ino
+    assert os.stat(path).st_mode & 0o777 == 0o644
