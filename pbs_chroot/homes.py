@@ -98,7 +98,14 @@ def ensure_home(version: str, sdir: str, home: str) -> Optional[str]:
         if (st.st_dev, st.st_ino) != (want.st_dev, want.st_ino) or not stat.S_ISDIR(st.st_mode):
             log.warning("home %s: %s changed while it was resolved", home, real)
             return None
-        _make_in_image(version, sdir, real, [h for h in hops if not _in_stage(version, h[0])])
+        try:
+            _make_in_image(version, sdir, real,
+                           [h for h in hops if not _in_stage(version, h[0])])
+        except MountError as e:
+            # E.g. an image on a read-only tree (CVMFS) without the links: the job
+            # still runs, its home as the bind set makes it; not a node fault.
+            log.warning("home %s: left as the bind set makes it: %s", home, e.detail)
+            return None
         from . import mounts
         from .config import BindSpec
         spec = BindSpec(target=real, source=f"/proc/self/fd/{src}", rec=True)

@@ -115,3 +115,28 @@ def test_work_directory_link_from_user_dirs_resolves_inside(site: Site) -> None:
         "/work/%u", "/s/%u")
     with pytest.raises(config.ConfigError):
         config.parse("[pbs_chroot]\nuser_dirs = work/%u\n")
+
+
+def test_a_read_only_image_without_the_links_still_runs_the_job(site: Site,
+                                                                 linked_home: tuple) -> None:
+    """On a read-only image (CVMFS) the chain can't be made: a warning, not a node fault."""
+    home, real = linked_home
+    ro = site.base / "ro"
+    ro.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0700", "ro-image", str(ro)], check=True)
+    try:
+        subprocess.run(["cp", "-a", str(site.version), str(ro / "v1")], check=True)
+        (site.base / "chroot" / "ro").symlink_to(ro / "v1")
+        site.write_config(extra=f"[image {site.base / 'chroot' / 'ro'}]\n")
+        from pbs_chroot import images  # its mount points, as `image build` makes them
+        images.add_mount_points(config.load(str(site.config)), str(ro / "v1"))
+        subprocess.run(["mount", "-o", "remount,ro,nosuid,nodev", str(ro)], check=True)
+        res = subprocess.run([sys.executable, "-m", "pbs_chroot", "--config", str(site.config),
+                              "run", "--image", str(site.base / "chroot" / "ro"), "--user",
+                              LINKED, "--", "/bin/sh", "-c", "id -un"],
+                             capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0, res.stderr
+        assert res.stdout == f"{LINKED}\n"
+        assert f"home {home}: left as the bind set makes it" in res.stderr
+    finally:
+        subprocess.run(["umount", str(ro)], check=True)
