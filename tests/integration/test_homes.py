@@ -117,8 +117,8 @@ def test_work_directory_link_from_user_dirs_resolves_inside(site: Site) -> None:
         config.parse("[pbs_chroot]\nuser_dirs = work/%u\n")
 
 
-def test_a_read_only_image_without_the_links_still_runs_the_job(site: Site,
-                                                                 linked_home: tuple) -> None:
+def test_a_read_only_image_without_the_links_still_runs_the_job(
+        site: Site, linked_home: tuple) -> None:
     """On a read-only image (CVMFS) the chain can't be made: a warning, not a node fault."""
     home, real = linked_home
     ro = site.base / "ro"
