@@ -171,6 +171,9 @@ def run(cfg_path: str, image: str, user: Optional[str], cmd: Sequence[str]) -> i
                         f"{os.uname().nodename.split('.')[0]}", user, _primary_group(user),
                         "local", "")
     ensure_layout(cfg.state_dir)
+    # As pbs_mom does with its $tmpdir: a directory of the job's own, its $TMPDIR.
+    scratch = _make_job_tmpdir(cfg.tmpdir, job.job_id, user) if cfg.tmpdir else None
+    env = [f"PBS_JOBID={job.job_id}"] + ([f"TMPDIR={scratch}"] if scratch else [])
     # The child waits until it is in the job's cgroup and is told the version
     # whose stage the job joined, then becomes the shim and chroots into it.
     go_r, go_w = os.pipe()
@@ -181,8 +184,8 @@ def run(cfg_path: str, image: str, user: Optional[str], cmd: Sequence[str]) -> i
             root = os.read(go_r, 65536).decode()
             if root:
                 shim.enter_and_exec(shim.ShimArgs(
-                    ["--root", root, "--user", user, "--setenv",
-                     f"PBS_JOBID={job.job_id}", "--", *cmd]))
+                    ["--root", root, "--user", user]
+                    + [a for kv in env for a in ("--setenv", kv)] + ["--", *cmd]))
         except shim.ShimError as e:
             shim._die(shim.SETUP_FAILED, str(e))
         finally:
@@ -202,12 +205,36 @@ def run(cfg_path: str, image: str, user: Optional[str], cmd: Sequence[str]) -> i
         status = _wait_forwarding(pid)
     finally:
         acct = lifecycle.end_job(cfg, job.job_id, str(status))
+        if scratch:  # its processes are gone: end_job killed what was left
+            import shutil
+            shutil.rmtree(scratch, ignore_errors=True)  # fd-based: follows no link
     if acct and acct.get("oom_kills"):
         from .hooks import oom_message
         print(f"pbs-chroot: job {job.job_id}: {oom_message(acct)}", file=sys.stderr)
     print(f"pbs-chroot: job {job.job_id} in {image} as {user} exited with status {status}",
           file=sys.stderr)
     return status
+
+
+def _make_job_tmpdir(base: str, job_id: str, user: str) -> str:
+    """BASE/JOB_ID, the user's, mode 0700, made below an fd of ``base`` (no link followed)."""
+    import pwd
+    pw = pwd.getpwnam(user)
+    bfd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.mkdir(job_id, 0o700, dir_fd=bfd)
+        fd = os.open(job_id, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     dir_fd=bfd)
+        try:
+            os.fchown(fd, pw.pw_uid, pw.pw_gid)
+            os.fchmod(fd, 0o700)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise UserError(f"can't make the job's TMPDIR in {base}: {e.strerror}") from e
+    finally:
+        os.close(bfd)
+    return os.path.join(base, job_id)
 
 
 def _primary_group(user: str) -> str:

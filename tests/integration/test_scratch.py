@@ -63,3 +63,17 @@ def test_tmpfs_and_tmpdir_in_the_config() -> None:
     assert "/tmp" not in dict(config.DEFAULT_BINDS)  # the image's, read-only, by default
     with pytest.raises(config.ConfigError):
         config.parse("[pbs_chroot]\ntmpdir = scratch\n")
+
+
+def test_the_runner_gives_each_job_a_tmpdir_of_its_own(site: Site) -> None:
+    """`pbs-chroot run` does what pbs_mom does with $tmpdir: BASE/JOBID, the user's, as
+    $TMPDIR, reachable at the same path inside the image, removed after the job."""
+    base = site.base / "torque-tmp"
+    base.mkdir(mode=0o755)
+    site.write_config(main=f"tmpdir = {base}\n")
+    res = run_in_image(site, 'echo "$TMPDIR"; echo hi > "$TMPDIR/f" && ls "$TMPDIR" && '
+                       'stat -c "%u %a" "$TMPDIR"')
+    assert res.returncode == 0, res.stderr
+    tmpdir, listing, owner = res.stdout.splitlines()
+    assert tmpdir.startswith(f"{base}/run-") and listing == "f" and owner == f"{UID} 700"
+    assert os.listdir(base) == []  # gone with the job
