@@ -250,6 +250,13 @@ class Site:
         os.chmod(self.config, 0o644)
         return self.config
 
+    def run(self, user: str, script: str, image: Optional[Path] = None
+            ) -> subprocess.CompletedProcess:
+        """`pbs-chroot run` of ``/bin/sh -c script`` as ``user`` in ``image`` (default: sl5)."""
+        return pbs_chroot_cli("--config", str(self.config), "run", "--image",
+                              str(image or self.image), "--user", user, "--", "/bin/sh", "-c",
+                              script, check=False)
+
     def state_files(self) -> list[str]:
         """Everything in the state directory, relative to it."""
         if not self.state.exists():

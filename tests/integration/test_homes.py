@@ -1,7 +1,7 @@
 """A home that is a symlink on the host resolves the same way inside the image."""
 import os
 import subprocess
-import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
@@ -45,13 +45,24 @@ def linked_home(site: Site) -> Iterator[tuple[Path, Path]]:
                 f.truncate()
 
 
+@contextmanager
+def joined(site: Site, user: str) -> Iterator[tuple[config.Config, str]]:
+    """A job of ``user`` in the stage of the site's version, for the block's length."""
+    site.write_config()
+    cfg = config.load(str(site.config))
+    ensure_layout(cfg.state_dir)
+    v = str(site.version)
+    stage.join(cfg, "1.vm", v, user)
+    try:
+        yield cfg, v
+    finally:
+        stage.leave(cfg, "1.vm", v)
+
+
 def test_symlinked_home_resolves_inside(site: Site, linked_home: tuple) -> None:
     home, real = linked_home
     site.write_config()
-    res = subprocess.run([sys.executable, "-m", "pbs_chroot", "--config", str(site.config),
-                          "run", "--image", str(site.image), "--user", LINKED, "--", "/bin/sh",
-                          "-c", "cd ~ && pwd && touch mine && id -un && readlink $HOME"],
-                         capture_output=True, text=True, timeout=60)
+    res = site.run(LINKED, "cd ~ && pwd && touch mine && id -un && readlink $HOME")
     assert res.returncode == 0, res.stderr
     assert res.stdout.splitlines() == [str(home), LINKED, str(real)]
     assert (real / "mine").exists()  # the host's directory itself
@@ -64,15 +75,8 @@ def test_a_link_not_made_by_root_is_never_followed(site: Site, linked_home: tupl
     os.lchown(home, LINKED_UID, LINKED_UID)  # the user's own link: could point anywhere
     with pytest.raises(UnsafePathError):
         homes.resolve("/", str(home))
-    site.write_config()
-    cfg = config.load(str(site.config))
-    ensure_layout(cfg.state_dir)
-    v = str(site.version)
-    stage.join(cfg, "1.vm", v, LINKED)
-    try:
+    with joined(site, LINKED) as (cfg, v):
         assert not os.path.lexists(v + str(home)) and not os.path.exists(v + str(real))
-    finally:
-        stage.leave(cfg, "1.vm", v)
 
 
 def test_a_home_whose_way_changed_after_resolving_is_not_bound(
@@ -83,16 +87,9 @@ def test_a_home_whose_way_changed_after_resolving_is_not_bound(
     host_resolve = homes.resolve
     monkeypatch.setattr(homes, "resolve", lambda root, p: (str(swapped), [(str(home), str(real))])
                         if root == "/" else host_resolve(root, p))
-    site.write_config()
-    cfg = config.load(str(site.config))
-    ensure_layout(cfg.state_dir)
-    v = str(site.version)
-    stage.join(cfg, "1.vm", v, LINKED)
-    try:
+    with joined(site, LINKED) as (cfg, v):
         assert homes.ensure_home(v, stage.stage_dir(cfg, v), str(home)) is None
         assert not os.path.exists(v + str(real))
-    finally:
-        stage.leave(cfg, "1.vm", v)
 
 
 def test_work_directory_link_from_user_dirs_resolves_inside(site: Site) -> None:
@@ -105,10 +102,7 @@ def test_work_directory_link_from_user_dirs_resolves_inside(site: Site) -> None:
     work.parent.mkdir(mode=0o755)
     work.symlink_to(real)
     site.write_config(main=f"user_dirs = {site.base}/work/%u {site.base}/none/%u\n")
-    res = subprocess.run([sys.executable, "-m", "pbs_chroot", "--config", str(site.config),
-                          "run", "--image", str(site.image), "--user", USER, "--", "/bin/sh",
-                          "-c", f"cd {work} && pwd && touch w"],
-                         capture_output=True, text=True, timeout=60)
+    res = site.run(USER, f"cd {work} && pwd && touch w")
     assert res.returncode == 0, res.stderr
     assert res.stdout.splitlines() == [str(work)] and (real / "w").exists()
     assert config.parse("[pbs_chroot]\nuser_dirs = /work/%u /s/%u\n").user_dirs == (
@@ -131,10 +125,7 @@ def test_a_read_only_image_without_the_links_still_runs_the_job(
         from pbs_chroot import images  # its mount points, as `image build` makes them
         images.add_mount_points(config.load(str(site.config)), str(ro / "v1"))
         subprocess.run(["mount", "-o", "remount,ro,nosuid,nodev", str(ro)], check=True)
-        res = subprocess.run([sys.executable, "-m", "pbs_chroot", "--config", str(site.config),
-                              "run", "--image", str(site.base / "chroot" / "ro"), "--user",
-                              LINKED, "--", "/bin/sh", "-c", "id -un"],
-                             capture_output=True, text=True, timeout=60)
+        res = site.run(LINKED, "id -un", site.base / "chroot" / "ro")
         assert res.returncode == 0, res.stderr
         assert res.stdout == f"{LINKED}\n"
         assert f"home {home}: left as the bind set makes it" in res.stderr

@@ -6,8 +6,6 @@ stand-in for users the host gets from LDAP/SSSD, which an image cannot see.
 """
 import errno
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -72,10 +70,7 @@ def test_stage_passwd_and_group_are_the_images_system_entries_and_its_users(site
 
 def test_id_inside_the_image_names_the_user_and_every_group(site: Site) -> None:
     site.write_config()
-    res = subprocess.run([sys.executable, "-m", "pbs_chroot", "--config", str(site.config),
-                          "run", "--image", str(site.image), "--user", USER, "--", "/bin/sh",
-                          "-c", "id; whoami; ls -ln /etc/passwd >/dev/null && echo ok"],
-                         capture_output=True, text=True, timeout=60)
+    res = site.run(USER, "id; whoami; ls -ln /etc/passwd >/dev/null && echo ok")
     assert res.returncode == 0, res.stderr
     lines = res.stdout.splitlines()
     assert lines[0] == (f"uid={UID}({USER}) gid={GID}({USER}) "

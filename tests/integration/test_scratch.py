@@ -1,7 +1,6 @@
 """Scratch space inside a stage: Torque's per-job $TMPDIR, the stage's /tmp, /dev/shm."""
 import os
 import subprocess
-import sys
 
 import pytest
 
@@ -14,9 +13,7 @@ pytestmark = [pytest.mark.root,
 
 
 def run_in_image(site: Site, script: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pbs_chroot", "--config", str(site.config),
-                           "run", "--image", str(site.image), "--user", USER, "--", "/bin/sh",
-                           "-c", script], capture_output=True, text=True, timeout=60)
+    return site.run(USER, script)
 
 
 def test_job_tmpdir_made_after_the_stage_is_there_at_the_same_path(site: Site) -> None:
