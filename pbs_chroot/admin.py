@@ -18,7 +18,7 @@ from .errors import ConfigError, PbsChrootError, UserError
 from .paths import check_version_private, resolve_admin_path
 from .state import ensure_layout
 
-__all__ = ["main", "render_hook", "install", "check_library"]
+__all__ = ["main", "render_hook", "install", "check_library", "starter_problem"]
 
 logger = logging.getLogger("pbs_chroot.admin")
 
@@ -50,14 +50,15 @@ finally:
     os._exit(rc)
 '''
 MOM_CONFIG_ADVICE = """\
+{starter}
 # Add to {mom_priv}/config, then restart pbs_mom:
 #
 # The prologue asks the server for the job's variables (pbs_python or qstat)
 # and sets up the image: give it time, but less than Torque's default 300 s.
 $prologalarm 120
 #
-# Do NOT set `$job_starter_run_privileged true`: pbs_mom would then start
-# the job as root inside the image.
+# Never set `$job_starter_run_privileged true`: pbs_mom would then start
+# the job as root inside the image (install refuses a config that does).
 """
 
 
@@ -75,8 +76,15 @@ def render_hook(name: str, python: str = "/usr/bin/python3",
                             pbsnodes=pbsnodes, libdir=libdir, marker=_MARKER, func=HOOKS[name])
 
 
-def install(pbs_home: str, config: str, pbsnodes: str, python: str, force: bool) -> str:
-    """Write the four hooks into PBS_HOME/mom_priv; return the mom config advice."""
+def install(pbs_home: str, config: str, pbsnodes: str, python: str, force: bool,
+            starters: Optional[str] = None) -> str:
+    """Write the four hooks into PBS_HOME/mom_priv, the job starters and the $job_starter
+    line; return the mom config advice.
+
+    starters: a directory of prebuilt job_starter and job_starter-nnp (else
+    they are compiled here).
+    """
+    from . import starter
     mom_priv = os.path.join(pbs_home, "mom_priv")
     if not os.path.isdir(mom_priv):
         raise UserError(f"can't install: {mom_priv} is not a directory (is {pbs_home} "
@@ -87,14 +95,32 @@ def install(pbs_home: str, config: str, pbsnodes: str, python: str, force: bool)
         if os.path.lexists(path) and not force and _MARKER not in _read(path):
             raise UserError(f"can't install: {path} exists and is not ours; "
                             "move it away or use --force")
+    cfg, changed = None, False
+    try:
+        cfg = config_mod.load(config)
+    except ConfigError as e:
+        logger.warning("hooks installed, but the config is not usable yet: %s", e.detail)
+    job_starter = cfg.job_starter if cfg is not None else config_mod.DEFAULT_JOB_STARTER
+    if job_starter:
+        # Before the hooks: a mom config that starts jobs privileged is refused first.
+        settings = starter.read_mom_config(pbs_home) or []
+        login = not any(line.split()[:2] == ["$source_login_batch", "false"]
+                        for line in settings)
+        starter.install(job_starter, starters, login)
+        changed = starter.set_mom_config(pbs_home, job_starter, force)
     for name in HOOKS:
         _write_root_file(os.path.join(mom_priv, name),
                          render_hook(name, python, config, pbsnodes, libdir))
-    try:
-        ensure_layout(config_mod.load(config).state_dir)
-    except ConfigError as e:
-        logger.warning("hooks installed, but the config is not usable yet: %s", e.detail)
-    return MOM_CONFIG_ADVICE.format(mom_priv=mom_priv)
+    if cfg is not None:
+        ensure_layout(cfg.state_dir)
+    note = (f"# Job starters installed: {job_starter} (pass-through, on the host) and "
+            f"{starter.nnp_path(job_starter)}\n# (bound over it in every stage: no_new_privs)."
+            f"\n# {mom_priv}/config {'now has' if changed else 'already had'} "
+            f"`$job_starter {job_starter}`"
+            + (" (the old file is config.orig)" if changed else "") + "." if job_starter
+            else "# job_starter = none in the config: no job starter installed (not a "
+            "Torque node?).")
+    return MOM_CONFIG_ADVICE.format(mom_priv=mom_priv, starter=note)
 
 
 def _read(path: str) -> str:
@@ -281,7 +307,32 @@ def check(cfg_path: str) -> int:
         except PbsChrootError as e:
             bad += 1
             print(f"image {img.path}: REFUSED: {e.detail}")
+    problem = starter_problem(cfg)
+    if problem:
+        bad += 1
+        print(f"job starter: REFUSED: {problem}")
+    elif cfg.job_starter:
+        print(f"job starter {cfg.job_starter} (-nnp in stages), in {cfg.pbs_home}"
+              "/mom_priv/config: OK")
     return 1 if bad else 0
+
+
+def starter_problem(cfg: config_mod.Config) -> str:
+    """Why Torque jobs in an image would not get no_new_privs on this node ('' if they do)."""
+    from . import starter
+    if not os.path.isdir(os.path.join(cfg.pbs_home, "mom_priv")):
+        return ""  # not a Torque mom (run, or another batch system): the shim sets it
+    if not cfg.job_starter:
+        return (f"job_starter = none, but {cfg.pbs_home} is a pbs_mom's: jobs in an image "
+                "would run without no_new_privs (set job_starter, run pbs-chroot install)")
+    for path in (cfg.job_starter, cfg.nnp_starter()):
+        try:
+            resolve_admin_path(path)
+        except PbsChrootError as e:
+            return f"{e.detail} (pbs-chroot install puts the starters there)"
+        if not os.access(path, os.X_OK):
+            return f"{path} is not executable (pbs-chroot install puts the starters there)"
+    return starter.mom_config_problem(cfg.pbs_home, cfg.job_starter)
 
 
 def cleanup(cfg_path: str, dry_run: bool) -> int:
@@ -317,7 +368,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="pbsnodes used to offline the node on a site fault")
     i.add_argument("--python", default=sys.executable,
                    help="interpreter the hooks run with (default: this one)")
-    i.add_argument("--force", action="store_true", help="replace foreign hook scripts")
+    i.add_argument("--force", action="store_true",
+                   help="replace foreign hook scripts and another $job_starter")
+    i.add_argument("--starters", metavar="DIR",
+                   help="prebuilt job_starter and job_starter-nnp (default: compile them)")
     r = sub.add_parser("run", help="run a command in an image as a job would run")
     r.add_argument("--image", required=True, help="the allowlisted path, as users write it")
     r.add_argument("--user", help="job user (default: $SUDO_USER, else nobody)")
@@ -346,7 +400,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise UserError("must be run as root")
         if args.command == "install":
             print(install(args.pbs_home, os.path.abspath(args.config), args.pbsnodes,
-                          args.python, args.force), end="")
+                          args.python, args.force, args.starters), end="")
             return 0
         if args.command == "run":
             return run(args.config, args.image, args.user, args.cmd)
