@@ -9,7 +9,6 @@ import logging
 import os
 import signal
 import sys
-import time
 from typing import Optional, Sequence
 
 from . import config as config_mod
@@ -193,7 +192,9 @@ def run(cfg_path: str, image: str, user: Optional[str], cmd: Sequence[str]) -> i
     log.use_socket(cfg.syslog_socket)
     user = user or _default_user()
     allowed = gate.check_value(image, cfg, user, "local")
-    job = lifecycle.Job(f"run-{os.getpid()}-{int(time.time())}."
+    # A random part: nobody can foresee the id, so nobody can plant its names
+    # (its TMPDIR, say) beforehand. The pid stays second: the reconciler reads it.
+    job = lifecycle.Job(f"run-{os.getpid()}-{os.urandom(6).hex()}."
                         f"{os.uname().nodename.split('.')[0]}", user, _primary_group(user),
                         "local", "")
     ensure_layout(cfg.state_dir)
@@ -243,13 +244,25 @@ def run(cfg_path: str, image: str, user: Optional[str], cmd: Sequence[str]) -> i
 
 
 def _make_job_tmpdir(base: str, job_id: str, user: str) -> str:
-    """BASE/JOB_ID, the user's, mode 0700, made below an fd of ``base`` (no link followed)."""
+    """BASE/JOB_ID, the user's, mode 0700, made below an fd of ``base`` (no link followed).
+
+    The base is world-writable like /tmp: a name someone made there first
+    (however they guessed it) is left alone, and a fresh random one used.
+    """
     import pwd
     pw = pwd.getpwnam(user)
     bfd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        os.mkdir(job_id, 0o700, dir_fd=bfd)
-        fd = os.open(job_id, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+        name = job_id
+        for _ in range(8):
+            try:
+                os.mkdir(name, 0o700, dir_fd=bfd)
+                break
+            except FileExistsError:
+                name = f"{job_id}.{os.urandom(4).hex()}"
+        else:
+            raise FileExistsError(17, "every name tried exists", base)
+        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
                      dir_fd=bfd)
         try:
             os.fchown(fd, pw.pw_uid, pw.pw_gid)
@@ -260,7 +273,7 @@ def _make_job_tmpdir(base: str, job_id: str, user: str) -> str:
         raise UserError(f"can't make the job's TMPDIR in {base}: {e.strerror}") from e
     finally:
         os.close(bfd)
-    return os.path.join(base, job_id)
+    return os.path.join(base, name)
 
 
 def _primary_group(user: str) -> str:
