@@ -17,7 +17,7 @@ from .errors import ConfigError, PbsChrootError, UserError
 from .paths import check_version_private, resolve_admin_path
 from .state import ensure_layout
 
-__all__ = ["main", "render_hook", "install", "check_library", "starter_problem"]
+__all__ = ["main", "render_hook", "install", "check_library"]
 
 logger = logging.getLogger("pbs_chroot.admin")
 
@@ -320,7 +320,8 @@ def check(cfg_path: str) -> int:
         except PbsChrootError as e:
             bad += 1
             print(f"image {img.path}: REFUSED: {e.detail}")
-    problem = starter_problem(cfg)
+    from .starter import node_problem
+    problem = node_problem(cfg)
     if problem:
         bad += 1
         print(f"job starter: REFUSED: {problem}")
@@ -328,24 +329,6 @@ def check(cfg_path: str) -> int:
         print(f"job starter {cfg.job_starter} (-nnp in stages), in {cfg.pbs_home}"
               "/mom_priv/config: OK")
     return 1 if bad else 0
-
-
-def starter_problem(cfg: config_mod.Config) -> str:
-    """Why Torque jobs in an image would not get no_new_privs on this node ('' if they do)."""
-    from . import starter
-    if not os.path.isdir(os.path.join(cfg.pbs_home, "mom_priv")):
-        return ""  # not a Torque mom (run, or another batch system): the shim sets it
-    if not cfg.job_starter:
-        return (f"job_starter = none, but {cfg.pbs_home} is a pbs_mom's: jobs in an image "
-                "would run without no_new_privs (set job_starter, run pbs-chroot install)")
-    for path in (cfg.job_starter, cfg.nnp_starter()):
-        try:
-            resolve_admin_path(path)
-        except PbsChrootError as e:
-            return f"{e.detail} (pbs-chroot install puts the starters there)"
-        if not os.access(path, os.X_OK):
-            return f"{path} is not executable (pbs-chroot install puts the starters there)"
-    return starter.mom_config_problem(cfg.pbs_home, cfg.job_starter)
 
 
 def cleanup(cfg_path: str, dry_run: bool) -> int:

@@ -14,15 +14,17 @@ import subprocess
 import tempfile
 
 from .config import NNP_SUFFIX
-from .errors import ConfigError, UserError
+from .errors import ConfigError, PbsChrootError, UserError
 from .paths import resolve_admin_path
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Optional
 
+    from .config import Config
+
 __all__ = ["SOURCE", "nnp_path", "build", "install", "mom_config_problem",
-           "set_mom_config", "read_mom_config"]
+           "set_mom_config", "read_mom_config", "node_problem"]
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "starter", "job_starter.c")
 _CC = ("cc", "gcc")
@@ -177,3 +179,20 @@ def _write(path: str, data: bytes, mode: int) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, path)
+
+
+def node_problem(cfg: Config) -> str:
+    """Why Torque jobs in an image would not get no_new_privs on this node ('' if they do)."""
+    if not os.path.isdir(os.path.join(cfg.pbs_home, "mom_priv")):
+        return ""  # not a Torque mom (run, or another batch system): the shim sets it
+    if not cfg.job_starter:
+        return (f"job_starter = none, but {cfg.pbs_home} is a pbs_mom's: jobs in an image "
+                "would run without no_new_privs (set job_starter, run pbs-chroot install)")
+    for path in (cfg.job_starter, cfg.nnp_starter()):
+        try:
+            resolve_admin_path(path)
+        except PbsChrootError as e:
+            return f"{e.detail} (pbs-chroot install puts the starters there)"
+        if not os.access(path, os.X_OK):
+            return f"{path} is not executable (pbs-chroot install puts the starters there)"
+    return mom_config_problem(cfg.pbs_home, cfg.job_starter)

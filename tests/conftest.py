@@ -260,7 +260,9 @@ class Site:
         text = (f"[pbs_chroot]\nstate_dir = {self.state}\npbs_home = {self.pbs_home}\n"
                 f"syslog_socket = {self.base / 'log.sock'}\ncgroup_parent = {CG_PARENT}\n"
                 f"accounting_log = {self.accounting}\n"
-                f"job_starter = {starter_dir() / 'job_starter'}\n{main}\n"
+                + ("" if "job_starter =" in main
+                   else f"job_starter = {starter_dir() / 'job_starter'}\n")
+                + f"{main}\n"
                 f"[image {self.image}]\n{images}\n{binds}{extra}")
         self.config.write_text(text)
         os.chmod(self.config, 0o644)
