@@ -250,9 +250,14 @@ def _make_job_tmpdir(base: str, job_id: str, user: str) -> str:
     (however they guessed it) is left alone, and a fresh random one used.
     """
     import pwd
+    import stat
     pw = pwd.getpwnam(user)
     bfd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
+        mode = os.fstat(bfd).st_mode
+        if mode & 0o002 and not mode & stat.S_ISVTX:
+            raise ConfigError(f"tmpdir {base} is writable by others but not sticky: anyone "
+                              "could swap a job's directory there (chmod +t it)")
         name = job_id
         for _ in range(8):
             try:
@@ -265,6 +270,9 @@ def _make_job_tmpdir(base: str, job_id: str, user: str) -> str:
         fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
                      dir_fd=bfd)
         try:
+            st = os.fstat(fd)  # the directory made just now, and not one put in its place
+            if st.st_uid != 0 or st.st_nlink != 2 or os.listdir(fd):
+                raise FileExistsError(17, "replaced after it was made", f"{base}/{name}")
             os.fchown(fd, pw.pw_uid, pw.pw_gid)
             os.fchmod(fd, 0o700)
         finally:
@@ -325,6 +333,9 @@ def check(cfg_path: str) -> int:
     if problem:
         bad += 1
         print(f"job starter: REFUSED: {problem}")
+    elif not os.path.isdir(os.path.join(cfg.pbs_home, "mom_priv")):
+        print(f"job starter: not checked: no pbs_mom at {cfg.pbs_home} (pbs_home in the "
+              "config); jobs of pbs-chroot run get no_new_privs from the shim")
     elif cfg.job_starter:
         print(f"job starter {cfg.job_starter} (-nnp in stages), in {cfg.pbs_home}"
               "/mom_priv/config: OK")

@@ -8,10 +8,16 @@ and reads the image's shadow, PAM config, sudoers and fstab. no_new_privs
 (the job starter, the shim) and the stage's locked shadow stop that; these
 checks refuse the images that would open the door by themselves:
 
-- a uid-0 account with an empty or well-known password (shadow, or passwd's
-  own password field);
-- ``NOPASSWD`` or ``!authenticate`` in sudoers or sudoers.d;
-- ``user``, ``users``, ``owner`` or ``group`` among an fstab entry's options.
+- an account with an empty password, or a uid-0 one with a well-known
+  password (shadow, or passwd's own password field): with a host user of the
+  same uid, su to an image account is su to that user;
+- ``NOPASSWD`` or ``!authenticate`` in sudoers, the files it includes, or
+  sudoers.d;
+- PAM letting anyone through: ``pam_permit`` in an auth stack, or
+  ``pam_wheel`` with ``trust``;
+- ``user``, ``users``, ``owner`` or ``group`` among an fstab entry's options;
+- a pbs_demux, which pbs_mom runs in the image without the job starter (the
+  stage covers it; the audit says so).
 
 It also names the image's ld.so and libc, and warns on glibc versions with
 known setuid-loader flaws (defence in depth: no_new_privs is the defence).
@@ -32,6 +38,7 @@ WELL_KNOWN = ("root", "toor", "password", "passw0rd", "changeme", "admin", "1234
               "12345678", "letmein", "centos", "redhat", "fedora", "debian", "ubuntu", "linux",
               "vagrant", "live", "test", "pbs", "torque")
 _SUDO_DOORS = ("NOPASSWD", "!authenticate")
+_SUDO_INCLUDES = ("#include", "@include", "#includedir", "@includedir")
 _FSTAB_DOORS = ("user", "users", "owner", "group")
 _MAX_BYTES = 4 << 20
 _LOADERS = ("lib64/ld-linux-x86-64.so.2", "lib/ld-linux-x86-64.so.2", "lib/ld-linux.so.2",
@@ -52,23 +59,39 @@ _FLAWS = (
 
 def inspect(root: str) -> tuple[list[str], list[str]]:
     """(doors, notes) of the image at ``root``: doors refuse it, notes are listed."""
-    doors = _passwords(root) + _sudoers(root) + _fstab(root)
+    doors = _passwords(root) + _sudoers(root) + _pam(root) + _fstab(root) + _demux(root)
     return doors, _loader_notes(root)
 
 
 def _read(root: str, rel: str) -> str:
-    """A regular file of the image, symlinks resolved inside it ('' if there is none)."""
+    """A regular file of the image, symlinks resolved inside it ('' if there is none).
+
+    Looked at (O_PATH) before it is opened: a device node is never opened.
+    """
     path = resolve_in_tree(root, rel)
     if path is None:
         return ""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        pfd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
         return ""
-    with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+    try:
+        if not stat.S_ISREG(os.fstat(pfd).st_mode):
             return ""
+        fd = os.open(f"/proc/self/fd/{pfd}", os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return ""
+    finally:
+        os.close(pfd)
+    with os.fdopen(fd, "rb") as f:
         return f.read(_MAX_BYTES).decode("utf-8", "replace")
+
+
+def _listdir(root: str, rel: str) -> list[str]:
+    path = resolve_in_tree(root, rel)
+    if path is None or os.path.islink(path) or not os.path.isdir(path):
+        return []
+    return sorted(os.listdir(path))
 
 
 def _passwords(root: str) -> list[str]:
@@ -78,20 +101,24 @@ def _passwords(root: str) -> list[str]:
     shadow = [line.split(":") for line in _read(root, "etc/shadow").splitlines()]
     for where, entries in (("/etc/shadow", shadow), ("/etc/passwd", passwd)):
         for fields in entries:
-            if len(fields) < 2 or fields[0] not in admins:
+            if len(fields) < 2 or not fields[0] or fields[0].startswith(("#", "+", "-")):
                 continue
-            why = _weak(fields[1], where == "/etc/passwd")
+            admin = fields[0] in admins
+            why = _weak(fields[1], where == "/etc/passwd", admin)
             if why:
-                found.append(f"{where}: {fields[0]} (uid 0) has {why}: a setuid su or login "
-                             "in reach of a job would give root; lock it (passwd -l)")
+                who = f"{fields[0]} (uid 0)" if admin else fields[0]
+                found.append(f"{where}: {who} has {why}: a setuid su or login in reach of "
+                             f"a job would make it {'root' if admin else 'that account'}; "
+                             "lock it (passwd -l)")
     return found
 
 
-def _weak(field: str, in_passwd: bool) -> str:
-    """Why a stored password field lets anyone in ('' if it does not)."""
+def _weak(field: str, in_passwd: bool, admin: bool) -> str:
+    """Why a stored password field lets anyone in ('' if it does not). The well-known
+    passwords are tried on uid-0 accounts only (each try is a full crypt(3))."""
     if field == "":
         return "an empty password"
-    if (in_passwd and field == "x") or field[0] in "!*":
+    if (in_passwd and field == "x") or field[0] in "!*" or not admin:
         return ""  # shadowed, or locked
     from . import _sys
     for word in WELL_KNOWN:
@@ -101,19 +128,52 @@ def _weak(field: str, in_passwd: bool) -> str:
 
 
 def _sudoers(root: str) -> list[str]:
-    files = ["etc/sudoers"]
-    d = resolve_in_tree(root, "etc/sudoers.d")
-    if d is not None and os.path.isdir(d) and not os.path.islink(d):
-        files += [f"etc/sudoers.d/{n}" for n in sorted(os.listdir(d))]
-    found = []
-    for rel in files:
+    """sudoers and what it includes (sudoers(5): #include/@include FILE,
+    #includedir/@includedir DIR), the default sudoers.d too."""
+    todo, seen, found = ["etc/sudoers", "etc/sudoers.d/"], set(), []
+    while todo and len(seen) < 200:
+        rel = todo.pop(0)
+        if rel in seen:
+            continue
+        seen.add(rel)
+        if rel.endswith("/"):
+            todo += [rel + n for n in _listdir(root, rel) if "." not in n and
+                     not n.endswith("~")]
+            continue
         for n, line in enumerate(_read(root, rel).splitlines(), 1):
-            text = line.split("#", 1)[0]
-            doors = [d for d in _SUDO_DOORS if d in text]
+            words = line.split()
+            if len(words) == 2 and words[0] in _SUDO_INCLUDES:
+                target = words[1] if words[1].startswith("/") else \
+                    os.path.join("/" + os.path.dirname(rel), words[1])
+                todo.append(target.lstrip("/") + ("/" if "dir" in words[0] else ""))
+                continue
+            doors = [d for d in _SUDO_DOORS if d in line.split("#", 1)[0]]
             if doors:
                 found.append(f"/{rel}:{n}: {', '.join(doors)}: a job that reaches a setuid "
                              "sudo gets root without a password")
     return found
+
+
+def _pam(root: str) -> list[str]:
+    found = []
+    for name in _listdir(root, "etc/pam.d"):
+        for n, line in enumerate(_read(root, f"etc/pam.d/{name}").splitlines(), 1):
+            words = line.split("#", 1)[0].split()
+            if len(words) < 3 or words[0].lstrip("-") != "auth":
+                continue
+            module = os.path.basename(words[2]) if not words[1].startswith("[") else \
+                next((os.path.basename(w) for w in words if w.endswith(".so")), "")
+            if module == "pam_permit.so" or (module == "pam_wheel.so" and "trust" in words):
+                found.append(f"/etc/pam.d/{name}:{n}: {module} in the auth stack lets a "
+                             f"setuid {name} through without a password")
+    return found
+
+
+def _demux(root: str) -> list[str]:
+    from .stage import DEMUX_PATHS
+    return [f"{path}: pbs_mom runs it inside the image for a job on several nodes, without "
+            "the job starter (the stage covers it with one that runs nothing; remove it)"
+            for path in DEMUX_PATHS if resolve_in_tree(root, path) is not None]
 
 
 def _fstab(root: str) -> list[str]:

@@ -200,18 +200,21 @@ def _host_entries(users: Iterable[str]) -> tuple[list[tuple[str, int, int, str, 
 
 
 def _unsafe(*fields: str) -> str:
-    """What in these passwd/group fields could split or add a line ('' if nothing)."""
+    """What in these passwd/group fields could split or add a line, or not be written as
+    UTF-8 ('' if nothing)."""
     for field in fields:
         for c in field:
             if c == ":":
                 return "a colon"
-            if c < " " or c == "\x7f":
+            if c < " " or "\x7f" <= c <= "\x9f":  # C0, DEL and C1 controls
                 return "a newline" if c == "\n" else f"a control character ({ord(c):#04x})"
+            if "\ud800" <= c <= "\udfff":  # bytes that are not UTF-8 (surrogateescape)
+                return "bytes that are not UTF-8"
     return ""
 
 
 def _show(text: str) -> str:
-    return text.encode("unicode_escape").decode("ascii")[:64]
+    return text.encode("unicode_escape", "backslashreplace").decode("ascii")[:64]
 
 
 def _member_users(members_dir: str) -> list[str]:

@@ -16,7 +16,7 @@ from . import faults, gate, homes, identity, mounts
 from .config import BindSpec
 from .errors import StateError
 from .log import get_logger
-from .paths import check_version_private, resolve_admin_path
+from .paths import check_version_private, resolve_admin_path, resolve_in_tree
 from .state import check_job_id, node_lock, read_json, write_json
 
 TYPE_CHECKING = False
@@ -33,6 +33,10 @@ log = get_logger(__name__)
 _AUDIT_SECONDS = 10
 _ID_FILES = ("/etc/passwd", "/etc/group")
 _SHADOW_FILES = ("/etc/shadow", "/etc/gshadow")
+# Where Torque installs pbs_demux (its DEMUX path: --sbindir of a package or of
+# a build from source).
+DEMUX_PATHS = ("/usr/sbin/pbs_demux", "/usr/local/sbin/pbs_demux", "/sbin/pbs_demux",
+               "/opt/torque/sbin/pbs_demux")
 _NSCD = "/var/run/nscd"
 
 
@@ -80,7 +84,23 @@ def bind_set(cfg: Config, sdir: str = "", mode: str = "host",
         # pbs_mom execs $job_starter inside the chroot: here it is the one that
         # sets no_new_privs (starter/job_starter.c).
         binds += (BindSpec(target=cfg.job_starter, source=cfg.nnp_starter(), readonly=True),)
+        # For a job on several nodes pbs_mom also execs its pbs_demux in the
+        # image, as the user, and not through the starter: a pbs_demux of the
+        # image's would run without no_new_privs. The starter covers it; run
+        # with no arguments it execs nothing.
+        binds += tuple(BindSpec(target=d, source=cfg.nnp_starter(), readonly=True)
+                       for d in _demux_in(version))
     return binds + (BindSpec(target=jobs, source=jobs, readonly=True, optional=True),)
+
+
+def _demux_in(version: str) -> list[str]:
+    """The pbs_demux files of the image at ``version``, as paths inside it, links resolved."""
+    found = []
+    for path in DEMUX_PATHS if version else ():
+        real = resolve_in_tree(version, path)
+        if real is not None and os.path.isfile(real):
+            found.append(real[len(version.rstrip("/")):])
+    return sorted(set(found))
 
 
 def members(sdir: str) -> list[str]:
@@ -135,6 +155,9 @@ def join_locked(cfg: Config, job_ids: Sequence[str], version: str,
         log.warning("stage %s differs from its plan (%s); %d job(s) use it, so it is "
                     "kept as it is until they have left", version, problem,
                     len(members(sdir)))
+        # ... but a new job never starts without no_new_privs: the starter's
+        # binds are added to it (a stage made before the job starter was).
+        _add_starter_binds(cfg, version, steps, info)
     elif problem:
         _build(cfg, sdir, version, steps, info, mode)
     faults.point("stage:ready")
@@ -147,6 +170,20 @@ def join_locked(cfg: Config, job_ids: Sequence[str], version: str,
         for path in [_home_of(user)] + [d.replace("%u", user) for d in cfg.user_dirs]:
             if path and "/" not in user:
                 homes.ensure_home(version, sdir, path)
+
+
+def _add_starter_binds(cfg: Config, version: str, steps: list[mounts.MountStep],
+                       info: Optional[Any]) -> None:
+    if not cfg.job_starter:
+        return
+    mounted = {m.mount_point for m in mounts.mounts_below(version, mounts.read_mountinfo(),
+                                                          _keep(info))}
+    for step in steps:
+        if step.spec.source == cfg.nnp_starter() and step.target not in mounted:
+            resolve_admin_path(cfg.nnp_starter())
+            mounts.mount_step(version, step)
+            log.warning("stage %s was up without the job starter at %s: bound it there",
+                        version, step.spec.target)
 
 
 def leave(cfg: Config, job_id: str, version: str) -> bool:

@@ -28,6 +28,10 @@ __all__ = ["SOURCE", "nnp_path", "build", "install", "mom_config_problem",
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "starter", "job_starter.c")
 _CC = ("cc", "gcc")
+# The pass-through, and the no_new_privs one execute-only: a process that execs
+# a file its user cannot read is not dumpable, so the user cannot ptrace it
+# before it has set no_new_privs (job_starter.c).
+_MODES = (0o755, 0o711)
 
 
 def nnp_path(job_starter: str) -> str:
@@ -38,7 +42,7 @@ def nnp_path(job_starter: str) -> str:
 def build(dest: str, login_shell: bool = True) -> tuple[str, str]:
     """Compile both starters, static, into directory ``dest``; return their paths."""
     out = (os.path.join(dest, "job_starter"), os.path.join(dest, "job_starter" + NNP_SUFFIX))
-    for path, nnp in zip(out, (False, True)):
+    for path, nnp, mode in zip(out, (False, True), _MODES):
         flags = [f"-DNO_NEW_PRIVS={int(nnp)}", f"-DLOGIN_SHELL={int(login_shell)}"]
         err = "no C compiler found"
         for cc in _CC:
@@ -60,11 +64,13 @@ def build(dest: str, login_shell: bool = True) -> tuple[str, str]:
                             "prebuilt starters (--starters DIR, as the RPM installs them)")
         if not os.path.exists(path):
             raise UserError(f"can't build the job starter: {err}")
+        os.chmod(path, mode)
     return out
 
 
 def install(job_starter: str, prebuilt: Optional[str] = None, login_shell: bool = True) -> None:
-    """Put both starters at ``job_starter`` and its -nnp sibling, root:root 0755, atomically.
+    """Put both starters at ``job_starter`` and its -nnp sibling, root:root 0755 and 0711,
+    atomically.
 
     prebuilt: a directory holding job_starter and job_starter-nnp already built
     (e.g. by the RPM); else they are compiled from the package's C source.
@@ -80,16 +86,17 @@ def install(job_starter: str, prebuilt: Optional[str] = None, login_shell: bool 
                 resolve_admin_path(path)
         else:
             built = build(tmp, login_shell)
-        for src, dst in zip(built, (job_starter, nnp_path(job_starter))):
+        for src, dst, mode in zip(built, (job_starter, nnp_path(job_starter)), _MODES):
             if os.path.realpath(src) == os.path.realpath(dst):
-                continue  # already in place (an RPM installed them there)
+                os.chmod(dst, mode)  # already in place (an RPM installed them there)
+                continue
             with open(src, "rb") as f:
                 data = f.read()
             tmp_dst = f"{dst}.new.{os.getpid()}"
-            fd = os.open(tmp_dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o755)
+            fd = os.open(tmp_dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
             try:
                 os.fchown(fd, 0, 0)
-                os.fchmod(fd, 0o755)
+                os.fchmod(fd, mode)
                 os.write(fd, data)
                 os.fsync(fd)
             finally:

@@ -89,6 +89,15 @@ def home_of(user: str) -> Path:
     return tmpfs_root() / "home" / user
 
 
+def open_to_users(path: Path) -> None:
+    """Make ``path`` and its parents up to the test tmpfs 0755: pytest makes them 0700, and
+    jobs and users on the host need to enter them."""
+    for d in (path, *path.parents):
+        if d == tmpfs_root():
+            break
+        os.chmod(d, 0o755)
+
+
 def starter_dir() -> Path:
     """The job starters (pbs_chroot/starter/job_starter.c), built once per test run in a
     root-only directory of the test tmpfs, as `pbs-chroot install` builds them."""
@@ -217,10 +226,7 @@ class Site:
     """Image versions, the allowlisted symlink and a config file under one tmp dir."""
 
     def __init__(self, base: Path, image_src: Path) -> None:
-        for d in (base, *base.parents):  # pytest makes them 0700: jobs on the host need x
-            if d == tmpfs_root():
-                break
-            os.chmod(d, 0o755)
+        open_to_users(base)
         self.base = base
         self.versions = base / "images" / "sl5"
         self.versions.mkdir(parents=True, mode=0o700)

@@ -15,13 +15,24 @@
  *                    (which would load the image's ld.so, libc and PAM).
  *
  * Static, libc-only and tiny, so it runs in any image: one with no Python, no
- * dynamic loader, or a libc older than the kernel.  It reads no file and no
- * environment variable; it trusts only its argv, which pbs_mom wrote.
+ * dynamic loader, or a libc older than the kernel.  It reads no file, and of
+ * the environment only PATH and SHELL, as below; it runs as the job's user and
+ * grants nothing: the user's own text decides only what the user runs.
  *
- * With exactly one argument (a batch job: pbs_mom passes the shell's path
- * only) the shell is started as a login shell, "-NAME", as pbs_mom does
+ * pbs_mom execs it as  STARTER SHELL  for a job (TMomFinalizeChild), and as
+ *  STARTER PROGRAM [ARG...]  for a TM task (start_process: pbsdsh, mpiexec),
+ * where PROGRAM may be a bare name: it is looked up in PATH, as pbs_mom's
+ * execvp(3) would.  A job's shell (one argument, equal to $SHELL, which
+ * pbs_mom sets to it) is started as a login shell, "-NAME", as pbs_mom does
  * without a starter under its default $source_login_batch true; built with
- * -DLOGIN_SHELL=0 for a mom that sets it false.
+ * -DLOGIN_SHELL=0 for a mom that sets it false.  ($SHELL is the user's own
+ * text, but it only chooses argv[0] of the user's own program.)
+ *
+ * The -nnp build is installed execute-only (mode 0711): a process that execs
+ * a file its user cannot read is not dumpable (execve(2), fs/exec.c
+ * would_dump()), so no process of the same user can ptrace it in the moment
+ * between the exec and the prctl below and make it exec a setuid program
+ * before no_new_privs is set.  The exec of the shell makes it dumpable again.
  *
  * Exit codes, as a shell's: 126 not executable, 127 not found, 125 our own
  * failure (prctl).
@@ -66,7 +77,8 @@ int main(int argc, char **argv)
     char *prog = argv[1];
     char **args = argv + 1;
     char login[4096];
-    if (LOGIN_SHELL && argc == 2) {
+    const char *shell = getenv("SHELL");
+    if (LOGIN_SHELL && argc == 2 && shell != NULL && strcmp(shell, prog) == 0) {
         const char *slash = strrchr(prog, '/');
         const char *name = slash != NULL ? slash + 1 : prog;
         if (strlen(name) + 2 <= sizeof login) {
@@ -75,7 +87,7 @@ int main(int argc, char **argv)
             args[0] = login;
         }
     }
-    execv(prog, args);
+    execvp(prog, args);
     int err = errno;
     say("can't run ", prog, ": ", strerror(err));
     return err == ENOENT || err == ENOTDIR ? 127 : 126;

@@ -17,13 +17,14 @@ defence under test is absent (its control), then that it fails.
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
-from tests.conftest import (UID, USER, Node, Site, Syslog, home_of, pbs_chroot_cli,
-                            starter_dir)
+from tests.conftest import (UID, USER, Node, Site, Syslog, home_of, mount_points,
+                            open_to_users, pbs_chroot_cli, starter_dir)
 from tests.laximage import build_lax_image
 
 pytestmark = [pytest.mark.root,
@@ -49,6 +50,12 @@ def outside_pid() -> Iterator[int]:
     finally:
         p.kill()
         p.wait()
+
+
+def become_user() -> None:
+    os.setgroups([])
+    os.setgid(UID)
+    os.setuid(UID)
 
 
 def probe(pid: int) -> str:
@@ -184,3 +191,93 @@ def test_selftest_and_check_fail_where_the_mom_starts_jobs_without_the_starter(
     (mom_priv / "config").write_text(f"$job_starter {starter_dir() / 'job_starter'}\n")
     res = pbs_chroot_cli("--config", str(site.config), "check", check=False)
     assert res.returncode == 0 and "job starter" in res.stdout and "OK" in res.stdout
+
+
+def test_an_execute_only_starter_cannot_be_traced_before_it_sets_no_new_privs(
+        tmp_path: Path, outside_pid: int) -> None:
+    """Between pbs_mom's exec of the starter and its prctl, a process of the same user could
+    ptrace it and make it exec a setuid program. The -nnp starter is execute-only, and a
+    process that execs a file its user cannot read is not dumpable (execve(2)): shown here
+    on a program that stops in that state, beside the same program readable (the control)."""
+    assert os.stat(f"{starter_dir() / 'job_starter'}-nnp").st_mode & 0o7777 == 0o711
+    src = tmp_path / "wait.c"
+    src.write_text("#include <unistd.h>\nint main(void) { pause(); return 0; }\n")
+    open_to_users(tmp_path)
+    seen = {}
+    for mode in (0o711, 0o755):
+        prog = tmp_path / f"wait-{mode:o}"
+        subprocess.run(["gcc", "-static", "-O", "-o", str(prog), str(src)], check=True)
+        os.chmod(prog, mode)
+        # Dropped as pbs_mom drops (TMomFinalizeChild: setgroups, setgid, setuid): no
+        # capability is left when it execs. (setpriv keeps its effective capabilities
+        # until the exec, which can read the file: not the case to test.)
+        p = subprocess.Popen([str(prog)], preexec_fn=become_user)
+        try:
+            deadline = time.monotonic() + 10
+            while os.readlink(f"/proc/{p.pid}/exe") != str(prog):
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            # As a same-uid process would: look into it (ptrace access, PTRACE_MODE_READ).
+            res = subprocess.run(["setpriv", f"--reuid={UID}", f"--regid={UID}",
+                                  "--clear-groups", "cat", f"/proc/{p.pid}/environ"],
+                                 capture_output=True, text=True)
+            seen[mode] = res.returncode
+        finally:
+            p.kill()
+            p.wait()
+    assert seen[0o755] == 0 and seen[0o711] != 0  # the control, then the starter's case
+
+
+def test_tm_tasks_and_shells_through_the_starter(tmp_path: Path) -> None:
+    """pbs_mom runs a TM task (pbsdsh, mpiexec) as STARTER PROGRAM [ARG...], a bare name
+    looked up in PATH; only the job's shell (argv[1] == $SHELL) becomes a login shell."""
+    nnp = f"{starter_dir() / 'job_starter'}-nnp"
+
+    def run(*argv: str, shell: str = "/bin/sh") -> str:
+        return subprocess.run(
+            ["setpriv", f"--reuid={UID}", f"--regid={UID}", "--clear-groups", nnp, *argv],
+            capture_output=True, text=True, input="echo $0; grep NoNewPrivs /proc/self/status",
+            env={"PATH": "/usr/bin:/bin", "SHELL": shell}).stdout
+    assert run("sh") == "sh\nNoNewPrivs:\t1\n"  # a bare name, a task with no arguments
+    assert run("/bin/sh") == "-sh\nNoNewPrivs:\t1\n"  # the job's shell: a login shell
+    assert run("/bin/sh", shell="/bin/bash") == "/bin/sh\nNoNewPrivs:\t1\n"
+    assert run("printf", "%s\n", "a b") == "a b\n"
+
+
+def test_a_stage_made_before_the_starter_gets_it_when_the_next_job_joins(site: Site) -> None:
+    """Stages in use are kept as they were made (jobs run in them); but no new job may join
+    one that lacks the no_new_privs starter: it is bound in, under the running jobs."""
+    from pbs_chroot import config, stage
+    from pbs_chroot.state import ensure_layout
+    site.write_config(main="job_starter = none\n")
+    old = config.load(str(site.config))
+    ensure_layout(old.state_dir)
+    v = str(site.version)
+    target = v + str(starter_dir() / "job_starter")
+    stage.join(old, "1.vm", v, USER)
+    assert target not in mount_points()
+    site.write_config()
+    new = config.load(str(site.config))
+    stage.join(new, "2.vm", v, USER)
+    try:
+        assert target in mount_points()
+        with open(target, "rb") as f, open(new.nnp_starter(), "rb") as g:
+            assert f.read() == g.read()
+    finally:
+        stage.leave(new, "1.vm", v)
+        stage.leave(new, "2.vm", v)
+    assert not [m for m in mount_points() if m.startswith(v)]
+
+
+def test_a_pbs_demux_in_the_image_runs_nothing(node: Node) -> None:
+    """pbs_mom execs its pbs_demux inside the image for a job on several nodes, without the
+    job starter: the stage covers an image's copy with the starter, which with no program
+    to run execs nothing."""
+    demux = node.site.version / "usr" / "sbin" / "pbs_demux"
+    demux.parent.mkdir(parents=True, exist_ok=True)
+    demux.write_text("#!/bin/sh\necho DEMUX RAN\n")
+    os.chmod(demux, 0o755)
+    res = node.emu.run(node.job(node.rootdir(), "#!/bin/sh\n/usr/sbin/pbs_demux\necho rc=$?\n"))
+    assert res.job_rc == 0, res.stderr
+    assert "DEMUX RAN" not in res.stdout and "rc=125" in res.stdout
+    assert "usage: job_starter" in res.stderr

@@ -115,3 +115,14 @@ def test_a_name_planted_in_the_tmpdir_base_blocks_no_run(site: Site, planted: st
     assert os.lstat(theirs).st_uid == OTHER_UID and os.listdir(target) == []
     assert os.stat(target).st_uid == OTHER_UID  # nothing chowned through the link
     os.rmdir(made)
+
+
+def test_a_tmpdir_base_that_others_may_write_but_is_not_sticky_is_refused(site: Site) -> None:
+    from pbs_chroot.admin import _make_job_tmpdir
+    from pbs_chroot.errors import ConfigError
+    base = site.base / "scratch"
+    base.mkdir()
+    os.chmod(base, 0o777)
+    with pytest.raises(ConfigError, match="not sticky"):
+        _make_job_tmpdir(str(base), "run-1-0123456789ab.node", USER)
+    assert os.listdir(base) == []

@@ -22,9 +22,11 @@ def test_a_well_known_or_empty_root_password_is_a_door(tmp_path: Path) -> None:
                       "alice::1000:1000::/home/alice:/bin/sh\n",
         "etc/shadow": f"root:{sha}:1::::::\ntoor:!:1::::::\nalice::1::::::\n"})
     found, _ = doors.inspect(root)
-    assert len(found) == 2, found
+    assert len(found) == 4, found  # not the locked toor
     assert "/etc/shadow: root (uid 0) has the well-known password 'changeme'" in found[0]
-    assert "/etc/passwd: old (uid 0) has an empty password" in found[1]  # locked toor, user alice
+    assert "/etc/shadow: alice has an empty password" in found[1]  # su alice = su to the
+    assert "/etc/passwd: old (uid 0) has an empty password" in found[2]  # host's uid 1000
+    assert "/etc/passwd: alice has an empty password" in found[3]
 
 
 def test_a_strong_or_locked_root_password_is_no_door(tmp_path: Path) -> None:
@@ -80,3 +82,24 @@ def test_loader_flaws_by_version() -> None:
     assert "CVE-2023-4911" in doors.loader_flaws((2, 36))[0]
     assert doors.loader_flaws((2, 28)) == doors.loader_flaws((2, 39)) == []
     assert doors.loader_flaws((0, 0)) == []
+
+
+def test_pam_that_lets_anyone_through_and_sudoers_includes(tmp_path: Path) -> None:
+    root = tree(tmp_path, {
+        "etc/pam.d/su": "auth sufficient pam_rootok.so\nauth sufficient pam_wheel.so trust\n",
+        "etc/pam.d/login": "auth [success=1 default=ignore] pam_permit.so\n",
+        "etc/pam.d/passwd": "# auth sufficient pam_permit.so\npassword required pam_permit.so\n",
+        "etc/sudoers": "@include /etc/sudo.extra\n#includedir /etc/more\n",
+        "etc/sudo.extra": "ops ALL=(ALL) NOPASSWD: ALL\n",
+        "etc/more/a": "Defaults !authenticate\n",
+        "etc/more/b.bak": "x ALL=(ALL) NOPASSWD: ALL\n"})  # sudo skips names with a dot
+    found, _ = doors.inspect(root)
+    assert [f.split(":")[0] for f in found] == [
+        "/etc/sudo.extra", "/etc/more/a", "/etc/pam.d/login", "/etc/pam.d/su"], found
+
+
+def test_a_pbs_demux_in_the_image_is_a_door(tmp_path: Path) -> None:
+    root = tree(tmp_path, {"usr/sbin/pbs_demux": ""})
+    (tmp_path / "sbin").symlink_to("usr/sbin")
+    found, _ = doors.inspect(root)
+    assert [f.split(":")[0] for f in found] == ["/usr/sbin/pbs_demux", "/sbin/pbs_demux"]

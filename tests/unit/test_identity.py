@@ -74,6 +74,8 @@ class _Recorder:
     ("pw_dir", "/home/a:0:0", "a colon"),
     ("pw_gecos", "A\rB", "a control character (0x0d)"),
     ("pw_name", "al\x7fice", "a control character (0x7f)"),
+    ("pw_gecos", "A\x85B", "a control character (0x85)"),
+    ("pw_gecos", "caf\udce9", "bytes that are not UTF-8"),  # what NSS gives for b"caf\xe9"
 ])
 def test_an_nss_entry_that_could_add_a_line_is_left_out(monkeypatch: pytest.MonkeyPatch,
                                                         field: str, value: str,
