@@ -130,7 +130,8 @@ def _weak(field: str, in_passwd: bool, admin: bool) -> str:
 def _sudoers(root: str) -> list[str]:
     """sudoers and what it includes (sudoers(5): #include/@include FILE,
     #includedir/@includedir DIR), the default sudoers.d too."""
-    todo, seen, found = ["etc/sudoers", "etc/sudoers.d/"], set(), []
+    todo, found = ["etc/sudoers", "etc/sudoers.d/"], []
+    seen: set[str] = set()
     while todo and len(seen) < 200:
         rel = todo.pop(0)
         if rel in seen:
