@@ -312,7 +312,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="config file (default: $PBS_CHROOT_CONFIG or %(default)s)")
     sub = p.add_subparsers(dest="command", required=True)
     i = sub.add_parser("install", help="install the hooks into PBS_HOME/mom_priv")
-    i.add_argument("--pbs-home", required=True)
+    i.add_argument("--pbs-home", help="pbs_mom's PBS_HOME (required for the hooks; with "
+                   "--submit-filter, where torque.cfg is)")
+    i.add_argument("--submit-filter", metavar="PATH", nargs="?", const=_filter_default(),
+                   help="on a submit host: write the qsub submit filter at PATH (default "
+                   "%(const)s) and set SUBMITFILTER in PBS_HOME/torque.cfg (or print the line)")
     i.add_argument("--pbsnodes", default="/usr/bin/pbsnodes",
                    help="pbsnodes used to offline the node on a site fault")
     i.add_argument("--python", default=sys.executable,
@@ -323,6 +327,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--user", help="job user (default: $SUDO_USER, else nobody)")
     r.add_argument("cmd", nargs="+", help="the command (after --)")
     sub.add_parser("check", help="validate the config and the images")
+    sub.add_parser("submit-filter", help="the qsub submit filter, by hand: "
+                   "pbs-chroot submit-filter QSUB_ARGS... < SCRIPT (see install --submit-filter)")
     c = sub.add_parser("cleanup", help="finish or undo what jobs no longer on this node left "
                        "(records, stage members, cgroups); at mom start and from a timer")
     c.add_argument("--dry-run", action="store_true", help="only say what would be done")
@@ -337,14 +343,47 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _filter_default() -> str:
+    from .filterinstall import DEFAULT_FILTER_PATH
+    return DEFAULT_FILTER_PATH
+
+
+def _install_filter(args: argparse.Namespace) -> int:
+    from .filterinstall import install_filter
+    libdir = _check_importable(args.python)
+    print(install_filter(os.path.abspath(args.submit_filter), args.python,
+                         os.path.abspath(args.config), libdir, args.force, args.pbs_home),
+          end="")
+    return 0
+
+
+def _submit_filter(words: Sequence[str]) -> Optional[int]:
+    """``pbs-chroot [--config F] submit-filter QSUB_ARGS... < SCRIPT``: the filter by hand,
+    as any user (None: not this command). Before argparse: the rest is qsub's arguments."""
+    cfg = os.environ.get("PBS_CHROOT_CONFIG", config_mod.DEFAULT_PATH)
+    if words[:1] == ["--config"] and len(words) > 2:
+        cfg, words = words[1], words[2:]
+    if words[:1] != ["submit-filter"]:
+        return None
+    from .submitfilter import main as filter_main
+    return filter_main(["pbs-chroot submit-filter"] + list(words[1:]), cfg)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Console entry point ``pbs-chroot``."""
+    rc = _submit_filter(list(sys.argv[1:] if argv is None else argv))
+    if rc is not None:
+        return rc
     args = _parser().parse_args(argv)
     log.setup("pbs-chroot")
     try:
         if os.geteuid() != 0:
             raise UserError("must be run as root")
+        if args.command == "install" and args.submit_filter:
+            return _install_filter(args)
         if args.command == "install":
+            if not args.pbs_home:
+                raise UserError("install: --pbs-home is required (or --submit-filter)")
             print(install(args.pbs_home, os.path.abspath(args.config), args.pbsnodes,
                           args.python, args.force), end="")
             return 0

@@ -22,7 +22,8 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Callable, Optional, Sequence
 
-    from .config import Config
+    from .config import Config, Image
+    from .jobinfo import JobVariables
 
 __all__ = ["prologue_main", "epilogue_main", "run_main", "offline_node"]
 
@@ -54,8 +55,14 @@ def _prologue(cfg: Config, argv: Sequence[str]) -> None:
     from . import jobinfo  # the prologue's only: the epilogue need not load it
     variables = jobinfo.read_variables(job.job_id, source=cfg.job_info, qstat=cfg.qstat,
                                        timeout=cfg.job_info_timeout)
-    image = gate.check_request(variables.entries, jobinfo.lossy_names(variables.raw), cfg,
-                               job.user, job.queue)
+    try:
+        image = gate.check_request(variables.entries, jobinfo.lossy_names(variables.raw), cfg,
+                                   job.user, job.queue)
+        if image is not None:
+            _check_shell(cfg, image, variables.shell, job.user)
+    except UserError as e:
+        _tell_user_file(job.job_id, job.user, variables, e.user_msg)
+        raise
     if image is None and not cfg.cgroups:
         return
     ensure_layout(cfg.state_dir)
@@ -64,6 +71,38 @@ def _prologue(cfg: Config, argv: Sequence[str]) -> None:
     if image is not None:
         logger.info("job %s (user %s, queue %s) runs in image %s (version %s)",
                     job.job_id, job.user, job.queue, image.path, version)
+
+
+def _check_shell(cfg: Config, image: Image, shell_list: str, user: str) -> None:
+    """Refuse a job whose shell pbs_mom could not exec in the image (UserError)."""
+    from . import shells
+    node = cfg.node_name or os.uname().nodename
+    shell = shells.pick_shell(shell_list, node) or _login_shell(user)
+    binds = [b.target for b in cfg.binds] + ([cfg.tmpdir] if cfg.tmpdir else [])
+    try:
+        problem = shells.shell_problem(image.path, shell, binds)
+        hint = not shells.shell_problem(image.path, shells.SHELL_HINT)
+    except OSError as e:
+        raise SiteError(f"image {image.path}: can't look for the job's shell {shell}: "
+                        f"{e.strerror}") from e
+    if problem:
+        raise UserError(shells.refusal(image.path, shell, problem, hint))
+
+
+def _login_shell(user: str) -> str:
+    import pwd
+    try:
+        return pwd.getpwnam(user).pw_shell or "/bin/sh"  # Torque's default, as pbs_mom's
+    except KeyError:
+        raise SiteError(f"job owner {user!r} is not known on this node") from None
+
+
+def _tell_user_file(job_id: str, user: str, variables: JobVariables, msg: str) -> None:
+    """Append the refusal line to the job's error file, as the user (userfile.py)."""
+    from . import userfile
+    path = userfile.target_path(variables.error_path, variables.output_path, variables.join)
+    if path:
+        userfile.append_as_user(user, path, _user_line(job_id, msg))
 
 
 def _shun_oom_killer() -> None:
@@ -146,9 +185,13 @@ def run_main(hook: str, argv: Sequence[str], body: Callable[[Config, Sequence[st
     return 2
 
 
+def _user_line(job_id: str, msg: str) -> str:
+    return f"pbs-chroot: job {job_id}: {msg}\n"
+
+
 def _tell_user(job_id: str, msg: str) -> None:
     try:
-        sys.stderr.write(f"pbs-chroot: job {job_id}: {msg}\n")
+        sys.stderr.write(_user_line(job_id, msg))
         sys.stderr.flush()
     except OSError:
         pass

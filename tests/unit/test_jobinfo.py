@@ -349,10 +349,14 @@ def make_fake_pbs(raw: str, *, connect_rc: int = 3,
     mod.ATTR_v = "Variable_List"  # type: ignore[attr-defined]
 
     def real_statjob(conn: int, job_id: str, attrl: Any, extend: Any) -> Any:
-        if conn != connect_rc or [a.name for a in attrl] != ["Variable_List"]:
+        # As the server does: only the attributes asked for (the Variable_List first).
+        names = [a.name for a in attrl]
+        if conn != connect_rc or names[:1] != ["Variable_List"]:
             return []
-        return [FakeBatchStatus(job_id, [FakeAttrl("euser", "tquser"),
-                                         FakeAttrl("Variable_List", raw)])]
+        known = {"Variable_List": raw, "Error_Path": "vm:/home/tquser/job.e20",
+                 "Shell_Path_List": "/bin/sh"}
+        return [FakeBatchStatus(job_id, [FakeAttrl("euser", "tquser")]
+                                + [FakeAttrl(n, known[n]) for n in names if n in known])]
 
     mod.pbs_default = lambda: "vm"  # type: ignore[attr-defined]
     mod.pbs_connect = lambda server: connect_rc if server == "vm" else -1  # type: ignore
@@ -383,6 +387,9 @@ def test_pbs_python_success(install_pbs: Callable[..., Any]) -> None:
     result = read_variables("20.vm", source="pbs_python", qstat="/nonexistent", timeout=5)
     assert result.raw == raw
     assert list(result.entries) == EXPECTED["20.vm"]
+    # The attributes the prologue speaks to the user with, as the server gave them.
+    assert (result.error_path, result.shell, result.output_path, result.join) == \
+        ("vm:/home/tquser/job.e20", "/bin/sh", "", "")
     assert_no_child_left()
 
 
