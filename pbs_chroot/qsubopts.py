@@ -159,8 +159,10 @@ def variable_list(req: Request, environ: Mapping[str, str]) -> list[tuple[str, s
     out: list[tuple[str, str]] = []
     if req.export_env:
         out += [(n, v) for n, v in environ.items() if n.startswith(ROOTDIR)]
-    for letter, arg in req.options:
-        if letter == "D":
+    # An attribute: a second -D replaces the first.
+    last_d = max((i for i, (o, _) in enumerate(req.options) if o == "D"), default=-1)
+    for i, (letter, arg) in enumerate(req.options):
+        if letter == "D" and i == last_d:
             out.append((ROOTDIR, arg))
         elif letter == "v":
             for item in _split_v(arg):

@@ -22,6 +22,7 @@ import pytest
 
 from pbs_chroot import config
 from tests import fakes
+from tests.captures import SOURCES
 from tests.momemu import EmuJob, MomEmulator
 
 REPO = Path(__file__).resolve().parents[1]
@@ -153,6 +154,12 @@ def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
     after = mount_points()
     assert after == before, f"mounts leaked: {sorted(set(after) - set(before))}"
     assert cgroup_children() == [], "cgroups leaked"
+
+
+@pytest.fixture(params=[path for _, path in SOURCES], ids=[name for name, _ in SOURCES])
+def torque_source(request: pytest.FixtureRequest) -> Path:
+    """The Torque 6.1 captures (when beside the repo) and the project's samples (always)."""
+    return Path(request.param)
 
 
 @pytest.fixture(scope="session")
