@@ -37,7 +37,7 @@ EXTRA_GROUP, EXTRA_GID = "pbsctx", 64124
 
 def pytest_configure(config: pytest.Config) -> None:
     if os.environ.get("CI") == "true" and not FIXTURES.is_dir():
-        # Elsewhere the tests that need them skip; in CI that would hide them.
+        # The captures are the authority in CI; elsewhere the samples stand in (captures.py).
         raise pytest.UsageError(f"Torque fixtures missing: {FIXTURES} (shared/ beside the repo)")
     if IS_ROOT and not os.environ.get("PBS_CHROOT_TEST_ROOT"):
         _enter_test_namespace(_pick_test_root())

@@ -2,7 +2,6 @@
 script passed through byte for byte. Checked against the real qsub captures (and the
 project's samples of them)."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
