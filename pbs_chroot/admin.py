@@ -38,11 +38,12 @@ import sys
 
 CONFIG = "{config}"
 PBSNODES = "{pbsnodes}"
+SYSLOG = "{syslog}"  # until the config names its own (a refused config can't)
 sys.path.append("{libdir}")
 
 {marker} {func}  # noqa: E402
 
-rc = {func}(sys.argv, CONFIG, PBSNODES)
+rc = {func}(sys.argv, CONFIG, PBSNODES, SYSLOG)
 try:  # os._exit: no interpreter teardown (~2 ms a job), so flush first
     sys.stdout.flush()
     sys.stderr.flush()
@@ -63,19 +64,21 @@ $prologalarm 120
 
 def render_hook(name: str, python: str = "/usr/bin/python3",
                 config: str = config_mod.DEFAULT_PATH, pbsnodes: str = "/usr/bin/pbsnodes",
-                libdir: str = "/usr/lib/python3/dist-packages") -> str:
+                libdir: str = "/usr/lib/python3/dist-packages", syslog: str = "/dev/log") -> str:
     """The text of an installed entry script (prologue/prologue is this, with the defaults)."""
     kind = name.split(".")[0]
     what = "the pbs_chroot gate" if kind == "prologue" else "pbs_chroot teardown"
-    for value in (python, config, pbsnodes, libdir):
+    for value in (python, config, pbsnodes, libdir, syslog):
         if not value.startswith("/") or not value.isprintable() or '"' in value or "\\" in value:
             raise UserError(f"can't install: {value!r} must be an absolute, plain path")
     return _TEMPLATE.format(python=python, kind=kind, what=what,
                             when="before" if kind == "prologue" else "after", config=config,
-                            pbsnodes=pbsnodes, libdir=libdir, marker=_MARKER, func=HOOKS[name])
+                            pbsnodes=pbsnodes, libdir=libdir, marker=_MARKER, func=HOOKS[name],
+                            syslog=syslog)
 
 
-def install(pbs_home: str, config: str, pbsnodes: str, python: str, force: bool) -> str:
+def install(pbs_home: str, config: str, pbsnodes: str, python: str, force: bool,
+            syslog: str = "/dev/log") -> str:
     """Write the four hooks into PBS_HOME/mom_priv; return the mom config advice."""
     mom_priv = os.path.join(pbs_home, "mom_priv")
     if not os.path.isdir(mom_priv):
@@ -89,7 +92,7 @@ def install(pbs_home: str, config: str, pbsnodes: str, python: str, force: bool)
                             "move it away or use --force")
     for name in HOOKS:
         _write_root_file(os.path.join(mom_priv, name),
-                         render_hook(name, python, config, pbsnodes, libdir))
+                         render_hook(name, python, config, pbsnodes, libdir, syslog))
     try:
         ensure_layout(config_mod.load(config).state_dir)
     except ConfigError as e:
@@ -322,6 +325,9 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--python", default=sys.executable,
                    help="interpreter the hooks run with (default: this one)")
     i.add_argument("--force", action="store_true", help="replace foreign hook scripts")
+    i.add_argument("--syslog-socket", default="/dev/log",
+                   help="where the hooks log before the config is read, and when it is "
+                   "refused (default %(default)s; then the config's syslog_socket)")
     r = sub.add_parser("run", help="run a command in an image as a job would run")
     r.add_argument("--image", required=True, help="the allowlisted path, as users write it")
     r.add_argument("--user", help="job user (default: $SUDO_USER, else nobody)")
@@ -385,7 +391,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if not args.pbs_home:
                 raise UserError("install: --pbs-home is required (or --submit-filter)")
             print(install(args.pbs_home, os.path.abspath(args.config), args.pbsnodes,
-                          args.python, args.force), end="")
+                          args.python, args.force, args.syslog_socket), end="")
             return 0
         if args.command == "run":
             return run(args.config, args.image, args.user, args.cmd)

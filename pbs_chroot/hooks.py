@@ -35,15 +35,15 @@ _OFFLINE_TIMEOUT = 10.0
 
 
 def prologue_main(argv: Sequence[str], config_path: str = config_mod.DEFAULT_PATH,
-                  pbsnodes: str = "/usr/bin/pbsnodes") -> int:
+                  pbsnodes: str = "/usr/bin/pbsnodes", syslog: str = "/dev/log") -> int:
     """Entry point of mom_priv/prologue and prologue.parallel."""
-    return run_main("prologue", argv, _prologue, config_path, pbsnodes)
+    return run_main("prologue", argv, _prologue, config_path, pbsnodes, syslog)
 
 
 def epilogue_main(argv: Sequence[str], config_path: str = config_mod.DEFAULT_PATH,
-                  pbsnodes: str = "/usr/bin/pbsnodes") -> int:
+                  pbsnodes: str = "/usr/bin/pbsnodes", syslog: str = "/dev/log") -> int:
     """Entry point of mom_priv/epilogue and epilogue.parallel."""
-    return run_main("epilogue", argv, _epilogue, config_path, pbsnodes)
+    return run_main("epilogue", argv, _epilogue, config_path, pbsnodes, syslog)
 
 
 def _prologue(cfg: Config, argv: Sequence[str]) -> None:
@@ -159,9 +159,13 @@ def _mib(n: int) -> str:
 
 
 def run_main(hook: str, argv: Sequence[str], body: Callable[[Config, Sequence[str]], None],
-             config_path: str, pbsnodes: str) -> int:
-    """Run a hook body; turn its outcome into the exit code pbs_mom understands."""
-    log.setup(f"pbs-chroot-{hook}")
+             config_path: str, pbsnodes: str, syslog: str = "/dev/log") -> int:
+    """Run a hook body; turn its outcome into the exit code pbs_mom understands.
+
+    ``syslog``: the socket fixed at install time, used until the config names its own
+    (and, like ``pbsnodes``, the only one when the config is refused).
+    """
+    log.setup(f"pbs-chroot-{hook}", syslog)
     job_id = gate.show(argv[1]) if len(argv) > 1 else "?"
     cfg: Optional[Config] = None
     try:

@@ -294,8 +294,11 @@ class Node:
         self.site, self.syslog = site, syslog
         self.emu = MomEmulator(site.pbs_home, prologue_alarm=60, hook_env=hook_env)
         site.write_config(main=f"qstat = {self.emu.qstat_path}\njob_info = qstat\n")
+        # The test's syslog socket from the start: a refused config's line must not go to
+        # this machine's /dev/log (rsyslog running or not).
         res = pbs_chroot_cli("--config", str(site.config), "install", "--pbs-home",
-                             str(site.pbs_home), "--pbsnodes", str(self.emu.pbsnodes_path))
+                             str(site.pbs_home), "--pbsnodes", str(self.emu.pbsnodes_path),
+                             "--syslog-socket", str(site.base / "log.sock"))
         assert res.returncode == 0, res.stderr
         self.seq = 100
 

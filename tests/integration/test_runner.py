@@ -134,6 +134,8 @@ def test_shim_alone_refuses_bad_use(tmp_path: Path) -> None:
     assert res.returncode == 125 and "can't chroot" in res.stderr
     # Started by a non-root user (or setuid), it does nothing. Forked, not exec'd: a
     # pyenv interpreter cannot even load its libpython as another user.
+    # Imported before the drop: the checkout may sit under a directory only root can read.
+    from pbs_chroot import shim as shim_mod
     err = tmp_path / "err"
     pid = os.fork()
     if pid == 0:
@@ -144,7 +146,6 @@ def test_shim_alone_refuses_bad_use(tmp_path: Path) -> None:
             os.setresgid(GID, GID, GID)
             os.setresuid(UID, 0, 0)  # as if setuid root: euid and saved still 0
             os.seteuid(UID)
-            from pbs_chroot import shim as shim_mod
             shim_mod.main(["--root", "/", "--user", USER, "--", "/bin/true"])
         finally:
             os._exit(99)
