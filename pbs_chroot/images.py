@@ -268,21 +268,39 @@ def _walk(root: str, dev: int, problems: list[str], skip: set[str]) -> "Any":
             stack.extend(os.path.join(path, n) for n in sorted(names, reverse=True))
 
 
+def mount_points(cfg: Config) -> list[tuple[str, bool]]:
+    """(target, is_file) of every bind a stage of this node may have (stage.all_binds):
+    the mount points a version must carry. Optional binds whose source this host lacks
+    are left out (the stage skips them too)."""
+    out = []
+    for spec in stage.all_binds(cfg):
+        if not spec.source.startswith("/"):
+            out.append((spec.target, False))  # proc, tmpfs
+        elif spec.source.startswith(stage.GENERATED_SDIR + "/"):
+            out.append((spec.target, True))  # the stage's own passwd, group ...
+        else:
+            try:
+                st = os.stat(spec.source)
+            except OSError:
+                if not spec.optional:
+                    out.append((spec.target, False))
+                continue
+            out.append((spec.target, stat.S_ISREG(st.st_mode)))
+    return out
+
+
 def _missing_mount_points(cfg: Config, root: str) -> list[str]:
     """Mount points the stage would refuse (a symlink on the way) or lack."""
     bad = []
     fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
-        for spec in stage.bind_set(cfg):
-            if spec.optional and spec.source.startswith("/") and not os.path.exists(spec.source):
-                continue  # the stage skips it on this host
+        for target, _ in mount_points(cfg):
             try:
-                os.close(open_in_root(fd, spec.target))
+                os.close(open_in_root(fd, target))
             except UnsafePathError as e:
-                bad.append(f"{spec.target} ({e.detail})")
-            except FileNotFoundError:
-                if not spec.optional:
-                    bad.append(spec.target)
+                bad.append(f"{target} ({e.detail})")
+            except (FileNotFoundError, NotADirectoryError):
+                bad.append(target)
     finally:
         os.close(fd)
     return bad
@@ -313,17 +331,16 @@ def _exists_in(root: str, path: str, hops: int = 40) -> bool:
 def add_mount_points(cfg: Config, root: str) -> list[str]:
     """Make the mount points the stage needs (never following a symlink); return them."""
     made = []
-    steps = mounts.plan(root, stage.bind_set(cfg))
     fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
-        for step in steps:
-            if os.path.lexists(step.target):
+        for target, is_file in mount_points(cfg):
+            if os.path.lexists(root + target):
                 continue  # (a symlink there is the audit's to report)
             try:
-                os.close(open_in_root(fd, step.spec.target, "file" if step.is_file else "dir"))
+                os.close(open_in_root(fd, target, "file" if is_file else "dir"))
             except UnsafePathError:
                 continue  # a symlink on the way: the audit reports it
-            made.append(step.spec.target)
+            made.append(target)
     finally:
         os.close(fd)
     return made
@@ -559,6 +576,9 @@ def add_arguments(p: "Any") -> None:
     a = sub.add_parser("audit", help="check a version (or any tree) is safe to offer")
     a.add_argument("path")
     a.add_argument("--strip-setuid", action="store_true", help="remove setuid/setgid bits")
+    a.add_argument("--add-mount-points", action="store_true",
+                   help="first make the mount points this node's bind set needs (what a stage "
+                   "refuses to do at job time)")
     d = sub.add_parser("deploy", help="copy SOURCE into a new version, audit, switch to it")
     d.add_argument("name")
     d.add_argument("source", help="directory, a version of this image, or an rsync source")
@@ -586,6 +606,14 @@ def main_image(cfg: Config, args: "Any") -> int:
     ensure_layout(cfg.state_dir)
     cmd = args.image_command
     if cmd == "audit":
+        if args.add_mount_points:
+            try:
+                for made in add_mount_points(cfg, os.path.abspath(args.path)):
+                    print(f"made mount point {made}")
+            except OSError as e:
+                raise UserError(f"can't add mount points to {args.path}: {e.strerror} (a "
+                                "staged version is read-only: deploy a new version, or wait "
+                                "until its jobs have left)") from e
         result = audit(cfg, os.path.abspath(args.path), args.strip_setuid)
         for problem in result.problems:
             print(f"FAIL {problem}")
