@@ -169,6 +169,7 @@ def run(cfg_path: str, image: str, user: Optional[str], cmd: Sequence[str]) -> i
     cfg = config_mod.load(cfg_path)
     log.use_socket(cfg.syslog_socket)
     user = user or _default_user()
+    _check_run_user(user)  # before any stage, cgroup or accounting line
     allowed = gate.check_value(image, cfg, user, "local")
     job = lifecycle.Job(f"run-{os.getpid()}-{int(time.time())}."
                         f"{os.uname().nodename.split('.')[0]}", user, _primary_group(user),
@@ -249,18 +250,37 @@ def _primary_group(user: str) -> str:
         return ""
 
 
+def _check_run_user(user: str) -> None:
+    """A job user must exist on this node and not be root (UserError: exit 2)."""
+    import pwd
+    try:
+        pw = pwd.getpwnam(user)
+    except KeyError:
+        raise UserError(f"run: no user {user!r} on this node") from None
+    if pw.pw_uid == 0:
+        raise UserError(f"run: refusing to run a job as {user!r} (uid 0): jobs never run "
+                        "as root")
+
+
 def _default_user() -> str:
     sudo = os.environ.get("SUDO_USER", "")
     return sudo if sudo and sudo != "root" else "nobody"
 
 
 def _wait_forwarding(pid: int) -> int:
-    """Wait for the job, passing SIGINT/SIGTERM/SIGHUP on to it."""
+    """Wait for the job, passing SIGINT/SIGTERM/SIGHUP on to its process group.
+
+    The shim makes the job a session (and group) leader of its own: a Ctrl-C on the
+    admin's terminal reaches only this process, so it is sent on to the whole group.
+    """
     def forward(signum: int, _frame: object) -> None:
         try:
-            os.kill(pid, signum)
-        except ProcessLookupError:
-            pass
+            os.killpg(pid, signum)
+        except (ProcessLookupError, PermissionError):
+            try:  # not yet a group leader (before the shim's setsid)
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
     old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         _, wstatus = os.waitpid(pid, 0)
