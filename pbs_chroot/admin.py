@@ -295,6 +295,9 @@ def check(cfg_path: str) -> int:
     """Validate the config and every image path; print one line per image."""
     cfg = config_mod.load(cfg_path)
     print(f"config {cfg.path}: OK ({len(cfg.images)} image(s), {len(cfg.binds)} bind(s))")
+    if not cfg.images:
+        print(f"WARNING: {cfg.path} allowlists no image ([image PATH] sections): every job "
+              "that asks for one will be refused")
     bad = 0
     for img in cfg.images:
         try:
@@ -329,7 +332,10 @@ def cleanup(cfg_path: str, dry_run: bool) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pbs-chroot", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="pbs-chroot", description="Run batch jobs in allowlisted OS images: the admin "
+        "commands (and the qsub submit filter).", epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=os.environ.get("PBS_CHROOT_CONFIG",
                                                       config_mod.DEFAULT_PATH),
                    help="config file (default: $PBS_CHROOT_CONFIG or %(default)s)")
@@ -369,6 +375,15 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+EXIT_CODES = """exit codes:
+  0  success
+  1  a site fault or a failed check (a bad config or image, a failed step); also
+     the submit filter's rejection, and `run`'s job status when the job itself fails
+  2  bad arguments or a refused request (argparse's convention; not root)
+  run: the job's own exit status (128+N if killed by signal N; 125 the shim's set-up)"""
+_GLOBAL_OPTIONS = ("-h", "--help", "--config")
+
+
 def _filter_default() -> str:
     from .filterinstall import DEFAULT_FILTER_PATH
     return DEFAULT_FILTER_PATH
@@ -397,10 +412,14 @@ def _submit_filter(words: Sequence[str]) -> Optional[int]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Console entry point ``pbs-chroot``."""
-    rc = _submit_filter(list(sys.argv[1:] if argv is None else argv))
+    words = list(sys.argv[1:] if argv is None else argv)
+    rc = _submit_filter(words)
     if rc is not None:
         return rc
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    if words and words[0].startswith("-") and words[0].split("=")[0] not in _GLOBAL_OPTIONS:
+        parser.error(f"unknown option {words[0]!r} (before the command, only --config)")
+    args = parser.parse_args(argv)
     log.setup("pbs-chroot")
     try:
         if os.geteuid() != 0:
@@ -435,6 +454,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"pbs-chroot: {e.detail}", file=sys.stderr)
         return 2
     except PbsChrootError as e:
-        logger.error("%s", e.detail)
+        log.syslog_only(log.ERROR, e.detail)  # printed just below: not twice without syslog
         print(f"pbs-chroot: {e.detail}", file=sys.stderr)
         return 1
