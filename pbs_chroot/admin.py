@@ -369,7 +369,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--user", default="nobody", help="unprivileged user for the escape probes")
     from . import images
     images.add_arguments(sub.add_parser(
-        "image", help="image versions: build, audit, deploy, rollback, list, gc"))
+        "image", help="image versions: build, audit, deploy, rollback, list, gc, rpm"))
     report.add_arguments(sub.add_parser(
         "report", help="jobs, CPU hours, peak memory and OOM kills per user and per image"))
     return p

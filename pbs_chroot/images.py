@@ -572,32 +572,36 @@ def add_arguments(p: "Any") -> None:
     b.add_argument("--package", action="append", default=[],
                    help="package for --installroot (repeat; default: bash coreutils)")
     b.add_argument("--releasever", default="7", help="$releasever for --installroot")
-    b.add_argument("--strip-setuid", action="store_true")
+    b.add_argument("--strip-setuid", action="store_true",
+                   help="remove setuid/setgid bits")
     a = sub.add_parser("audit", help="check a version (or any tree) is safe to offer")
-    a.add_argument("path")
+    a.add_argument("path", help="a version directory (or any tree)")
     a.add_argument("--strip-setuid", action="store_true", help="remove setuid/setgid bits")
     a.add_argument("--add-mount-points", action="store_true",
                    help="first make the mount points this node's bind set needs (what a stage "
                    "refuses to do at job time)")
     d = sub.add_parser("deploy", help="copy SOURCE into a new version, audit, switch to it")
-    d.add_argument("name")
+    d.add_argument("name", help="allowlisted path, or its last component")
     d.add_argument("source", help="directory, a version of this image, or an rsync source")
-    d.add_argument("--strip-setuid", action="store_true")
+    d.add_argument("--strip-setuid", action="store_true",
+                   help="remove setuid/setgid bits")
     r = sub.add_parser("rollback", help="switch back to VERSION (default: the previous one)")
-    r.add_argument("name")
-    r.add_argument("version", nargs="?")
+    r.add_argument("name", help="allowlisted path, or its last component")
+    r.add_argument("version", nargs="?", help="a version directory name (default: the "
+                   "previous current one)")
     ls = sub.add_parser("list", help="versions, the current one, and the jobs using each")
-    ls.add_argument("name", nargs="?")
+    ls.add_argument("name", nargs="?",
+                    help="allowlisted path, or its last component (default: all)")
     m = sub.add_parser("rpm", help="write (and build, where rpmbuild exists) an RPM that "
                        "installs VERSION and switches the image to it")
-    m.add_argument("name")
+    m.add_argument("name", help="allowlisted path, or its last component")
     m.add_argument("version", help="a version directory name of this image")
     m.add_argument("--out", default=".", help="where the spec and rpmbuild's tree go")
     m.add_argument("--no-build", action="store_true", help="write the spec only")
     g = sub.add_parser("gc", help="remove old versions no running job uses")
-    g.add_argument("name")
+    g.add_argument("name", help="allowlisted path, or its last component")
     g.add_argument("--keep", type=int, required=True, help="newest versions to keep")
-    g.add_argument("--dry-run", action="store_true")
+    g.add_argument("--dry-run", action="store_true", help="only say what would be removed")
 
 
 def main_image(cfg: Config, args: "Any") -> int:
