@@ -209,6 +209,7 @@ def run(cfg_path: str, image: str, user: Optional[str], cmd: Sequence[str]) -> i
         status = _wait_forwarding(pid)
     finally:
         acct = lifecycle.end_job(cfg, job.job_id, str(status))
+        _remove_empty_cgroup_parent(cfg)
         if scratch:  # its processes are gone: end_job killed what was left
             import shutil
             shutil.rmtree(scratch, ignore_errors=True)  # fd-based: follows no link
@@ -248,6 +249,17 @@ def _primary_group(user: str) -> str:
         return grp.getgrgid(pwd.getpwnam(user).pw_gid).gr_name
     except KeyError:
         return ""
+
+
+def _remove_empty_cgroup_parent(cfg: config_mod.Config) -> None:
+    """The job's cgroup is gone: our parent too, unless other jobs have theirs in it."""
+    if not cfg.cgroups:
+        return
+    from . import cgroups
+    try:
+        cgroups.remove_parent_if_empty(cgroups.detect(), cfg.cgroup_parent)
+    except PbsChrootError as e:
+        logger.warning("cgroup parent %s left: %s", cfg.cgroup_parent, e.detail)
 
 
 def _check_run_user(user: str) -> None:

@@ -79,3 +79,38 @@ def test_an_unknown_option_is_named() -> None:
     assert "required" not in res.stderr
     res = pbs_chroot_cli("--help")
     assert "exit codes:" in res.stdout and "``" not in res.stdout
+
+
+def test_run_and_selftest_leave_no_empty_cgroup_parent(site: Site) -> None:
+    from pbs_chroot import cgroups
+    from tests.conftest import CG_PARENT
+    site.write_config()
+    layout = cgroups.detect()
+    tops = sorted(set(layout.v1.values())) if layout.version == 1 else [str(layout.v2)]
+    assert site.run(USER, "true").returncode == 0
+    assert [t for t in tops if os.path.isdir(os.path.join(t, CG_PARENT))] == []
+    res = pbs_chroot_cli("--config", str(site.config), "selftest", "--user", USER, check=False)
+    assert "cgroup" in res.stdout
+    assert [t for t in tops if os.path.isdir(os.path.join(t, CG_PARENT))] == []
+
+
+def test_a_job_cgroup_is_made_even_if_the_parent_goes_meanwhile(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """remove_parent_if_empty may run between a prologue's two mkdirs: create() retries."""
+    from pbs_chroot.cgroups import v1
+    mounts = {c: str(tmp_path / c) for c in ("memory", "cpu")}
+    for d in mounts.values():
+        os.mkdir(d)
+    real = v1.make_dir
+    removed = []
+
+    def racing(path: str) -> None:
+        real(path)
+        if path.endswith("/parent") and not removed:
+            os.rmdir(path)  # the other command's rmdir, right after ours
+            removed.append(path)
+    monkeypatch.setattr(v1, "make_dir", racing)
+    cg = v1.CgroupV1("parent/1.vm", mounts)
+    cg.create()
+    assert removed and all(os.path.isdir(os.path.join(d, "parent", "1.vm"))
+                           for d in mounts.values())
