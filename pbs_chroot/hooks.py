@@ -82,9 +82,8 @@ def _check_shell(cfg: Config, image: Image, shell_list: str, user: str) -> None:
     try:
         problem = shells.shell_problem(image.path, shell, binds)
         hint = not shells.shell_problem(image.path, shells.SHELL_HINT)
-    except OSError as e:
-        raise SiteError(f"image {image.path}: can't look for the job's shell {shell}: "
-                        f"{e.strerror}") from e
+    except OSError:
+        return  # the image itself is unusable: the stage's checks say how, as a site fault
     if problem:
         raise UserError(shells.refusal(image.path, shell, problem, hint))
 
