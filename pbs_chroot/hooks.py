@@ -61,7 +61,8 @@ def _prologue(cfg: Config, argv: Sequence[str]) -> None:
         if image is not None:
             _check_shell(cfg, image, variables.shell, job.user)
     except UserError as e:
-        _tell_user_file(job.job_id, job.user, variables, e.user_msg)
+        if not argv[0].endswith(".parallel"):  # once, from the mother superior
+            _tell_user_file(job.job_id, job.user, variables, e.user_msg)
         raise
     if image is None and not cfg.cgroups:
         return
