@@ -268,24 +268,27 @@ def _walk(root: str, dev: int, problems: list[str], skip: set[str]) -> "Any":
             stack.extend(os.path.join(path, n) for n in sorted(names, reverse=True))
 
 
-def mount_points(cfg: Config) -> list[tuple[str, bool]]:
-    """(target, is_file) of every bind a stage of this node may have (stage.all_binds):
-    the mount points a version must carry. Optional binds whose source this host lacks
-    are left out (the stage skips them too)."""
+def mount_points(cfg: Config) -> list[tuple[str, bool, bool]]:
+    """(target, is_file, required) of every bind a stage of this node may have
+    (stage.all_binds): the mount points a version should carry. Optional binds whose
+    source this host lacks are left out (the stage skips them too); the other optional
+    ones are not required (the stage skips them with a warning), but the job directory is."""
     out = []
+    jobs = stage.jobs_dir(cfg)
     for spec in stage.all_binds(cfg):
+        required = not spec.optional or spec.target == jobs
         if not spec.source.startswith("/"):
-            out.append((spec.target, False))  # proc, tmpfs
+            out.append((spec.target, False, required))  # proc, tmpfs
         elif spec.source.startswith(stage.GENERATED_SDIR + "/"):
-            out.append((spec.target, True))  # the stage's own passwd, group ...
+            out.append((spec.target, True, required))  # the stage's own passwd, group ...
         else:
             try:
                 st = os.stat(spec.source)
             except OSError:
                 if not spec.optional:
-                    out.append((spec.target, False))
+                    out.append((spec.target, False, required))
                 continue
-            out.append((spec.target, stat.S_ISREG(st.st_mode)))
+            out.append((spec.target, stat.S_ISREG(st.st_mode), required))
     return out
 
 
@@ -294,13 +297,14 @@ def _missing_mount_points(cfg: Config, root: str) -> list[str]:
     bad = []
     fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
-        for target, _ in mount_points(cfg):
+        for target, _, required in mount_points(cfg):
             try:
                 os.close(open_in_root(fd, target))
             except UnsafePathError as e:
                 bad.append(f"{target} ({e.detail})")
             except (FileNotFoundError, NotADirectoryError):
-                bad.append(target)
+                if required:
+                    bad.append(target)
     finally:
         os.close(fd)
     return bad
@@ -333,7 +337,7 @@ def add_mount_points(cfg: Config, root: str) -> list[str]:
     made = []
     fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
-        for target, is_file in mount_points(cfg):
+        for target, is_file, _ in mount_points(cfg):
             if os.path.lexists(root + target):
                 continue  # (a symlink there is the audit's to report)
             try:
