@@ -76,25 +76,21 @@ def _prologue(cfg: Config, argv: Sequence[str]) -> None:
 
 def _check_shell(cfg: Config, image: Image, shell_list: str, user: str) -> None:
     """Refuse a job whose shell pbs_mom could not exec in the image (UserError)."""
+    import pwd
+
     from . import shells
     node = cfg.node_name or os.uname().nodename
-    shell = shells.pick_shell(shell_list, node) or _login_shell(user)
-    binds = [b.target for b in cfg.binds] + ([cfg.tmpdir] if cfg.tmpdir else [])
     try:
-        problem = shells.shell_problem(image.path, shell, binds)
-        hint = not shells.shell_problem(image.path, shells.SHELL_HINT)
-    except OSError:
-        return  # the image itself is unusable: the stage's checks say how, as a site fault
-    if problem:
-        raise UserError(shells.refusal(image.path, shell, problem, hint))
-
-
-def _login_shell(user: str) -> str:
-    import pwd
-    try:
-        return pwd.getpwnam(user).pw_shell or "/bin/sh"  # Torque's default, as pbs_mom's
+        pw = pwd.getpwnam(user)
     except KeyError:
         raise SiteError(f"job owner {user!r} is not known on this node") from None
+    shell = shells.pick_shell(shell_list, node) or pw.pw_shell or "/bin/sh"  # as pbs_mom
+    binds = [b.target for b in cfg.binds] + ([cfg.tmpdir] if cfg.tmpdir else [])
+    ids = (pw.pw_uid, pw.pw_gid, os.getgrouplist(user, pw.pw_gid))
+    problem = shells.shell_problem_as_user(image.path, shell, *ids, skip=binds)
+    if problem:
+        hint = not shells.shell_problem_as_user(image.path, shells.SHELL_HINT, *ids)
+        raise UserError(shells.refusal(image.path, shell, problem, hint))
 
 
 def _tell_user_file(job_id: str, user: str, variables: JobVariables, msg: str) -> None:

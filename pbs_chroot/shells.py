@@ -1,13 +1,17 @@
 """Is the job's shell an executable file in the image? (pbs_mom execs it after the chroot.)
 
-Run as root by the prologue, and as the submitting user by the submit filter.
-Trusts the image tree (the admin's: root-owned, checked by paths.py) no more
-than a chroot would: the shell's path is resolved *inside* the image, every
-component opened with O_NOFOLLOW relative to the one before, and a symlink
-is followed by hand as the kernel would after chroot(2) (an absolute target
-restarts at the image's root, ``..`` never climbs above it). Nothing outside
-the image is opened. The shell's path is the user's (qsub -S) or the login
-shell from NSS: it is only ever looked up, never created or written.
+The shell's path is the user's (qsub -S) or the login shell from NSS: it is
+only ever looked up, never created or written.
+
+- The prologue (root) uses shell_problem_as_user(): a child chroots into the
+  image as pbs_mom will, drops to the user for good, and looks the path up
+  there, so root follows no link the user made (a staged image shows the
+  host's homes) and learns nothing the user could not.
+- The submit filter (the user) uses shell_problem(): the path is resolved
+  *inside* the image tree, every component opened with O_NOFOLLOW relative to
+  the one before, a symlink followed by hand as the kernel would after
+  chroot(2) (an absolute target restarts at the image's root, ``..`` never
+  climbs above it). Nothing outside the image is opened.
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Iterable, Optional
 
-__all__ = ["shell_problem", "pick_shell", "refusal", "SHELL_HINT"]
+__all__ = ["shell_problem", "shell_problem_as_user", "pick_shell", "refusal", "SHELL_HINT"]
 
 _MAX_LINKS = 40  # the kernel's limit on symlinks in one lookup (path_resolution(7))
 _O_PATH = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -111,6 +115,69 @@ def _resolve(root_fd: int, path: str) -> Optional[int]:
     finally:
         for fd in stack:
             os.close(fd)
+
+
+# Exit codes of shell_problem_as_user's child, and what they mean.
+_CHILD = {1: "is not in the image", 2: "is not a file in the image",
+          3: "is not executable in the image", 4: ""}  # 4: can't tell (set-up failed)
+_DEADLINE = 5.0
+
+
+def shell_problem_as_user(root: str, shell: str, uid: int, gid: int, groups: list[int],
+                          skip: Iterable[str] = ()) -> str:
+    """shell_problem() as pbs_mom meets it: in a child that chroots into ``root`` (as
+    root, like pbs_mom), then drops to the user for good and looks the shell up there.
+    Root follows no link of the user's and learns nothing the user could not see.
+    Returns '' when the shell would run, or when the check itself could not be made."""
+    if not shell.startswith("/"):
+        return "is not an absolute path"
+    for target in skip:
+        if shell == target or shell.startswith(target.rstrip("/") + "/"):
+            return ""
+    pid = os.fork()
+    if pid == 0:
+        code = 4
+        try:
+            code = _child_lookup(root, shell, uid, gid, groups)
+        finally:
+            os._exit(code)
+    return _CHILD.get(_wait(pid), "")
+
+
+def _child_lookup(root: str, shell: str, uid: int, gid: int, groups: list[int]) -> int:
+    try:
+        os.chroot(root)
+        os.chdir("/")
+        os.setgroups(groups)
+        os.setresgid(gid, gid, gid)
+        os.setresuid(uid, uid, uid)
+    except OSError:
+        return 4
+    if os.getresuid() != (uid, uid, uid) or os.getresgid() != (gid, gid, gid):
+        return 4
+    try:
+        st = os.stat(shell)
+    except OSError:
+        return 1
+    if not stat.S_ISREG(st.st_mode):
+        return 2
+    return 0 if os.access(shell, os.X_OK) else 3
+
+
+def _wait(pid: int) -> int:
+    """The child's exit code (4, "can't tell", if it had to be killed at the deadline)."""
+    import time
+    deadline = time.monotonic() + _DEADLINE
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.WEXITSTATUS(status) if os.WIFEXITED(status) else 4
+        if time.monotonic() >= deadline:
+            import _signal  # type: ignore[import-not-found]  # the signal module imports enum
+            os.kill(pid, _signal.SIGKILL)
+            os.waitpid(pid, 0)
+            return 4
+        time.sleep(0.001)
 
 
 def refusal(image: str, shell: str, problem: str, has_hint: bool) -> str:

@@ -218,3 +218,24 @@ def test_user_cannot_be_written_for_where_it_may_not_write(node: Node, site: Sit
         os.unlink(home_of(USER) / p)
     os.rmdir(home_of(USER) / "sub")
     shutil.rmtree(root_dir)
+
+
+@pytest.mark.parametrize("where, problem", [
+    ("opt/rootonly/sh", "is not in the image"),     # a directory only root may enter
+    ("opt/sh-0700", "is not executable in the image"),
+])
+def test_shell_is_judged_with_the_users_rights_not_roots(node: Node, where: str,
+                                                         problem: str) -> None:
+    """The prologue looks the shell up as pbs_mom will run it: chrooted, as the user."""
+    v = node.site.version
+    (v / "opt" / "rootonly").mkdir(parents=True, mode=0o700)
+    os.chmod(v / "opt", 0o755)
+    for p in (v / "opt" / "rootonly" / "sh", v / "opt" / "sh-0700"):
+        shutil.copy(v / "bin" / "busybox", p)
+        os.chmod(p, 0o700)
+    job = node.job(node.rootdir())
+    job.shell = "/" + where
+    res = node.emu.run(job)
+    assert res.prologue_rc == 1, res.stderr
+    assert f"the job's shell /{where} {problem}" in res.stderr
+    node.assert_clean()
