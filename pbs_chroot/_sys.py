@@ -17,7 +17,7 @@ __all__ = [
     "MS_RDONLY", "MS_NOSUID", "MS_NODEV", "MS_NOEXEC", "MS_REMOUNT", "MS_BIND",
     "MS_REC", "MS_PRIVATE", "MS_SLAVE", "MS_SHARED", "MNT_DETACH", "UMOUNT_NOFOLLOW",
     "CLONE_NEWNS", "PR_SET_NO_NEW_PRIVS", "PR_GET_NO_NEW_PRIVS",
-    "mount", "umount2", "prctl", "unshare",
+    "mount", "umount2", "prctl", "unshare", "crypt",
 ]
 
 # <sys/mount.h>
@@ -46,6 +46,7 @@ _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 _libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong,
                         ctypes.c_ulong, ctypes.c_ulong]
 _libc.unshare.argtypes = [ctypes.c_int]
+_libcrypt: Optional[ctypes.CDLL] = None
 
 
 def _fail(path: Optional[str]) -> OSError:
@@ -82,3 +83,22 @@ def unshare(flags: int) -> None:
     """unshare(2): used by the tests to enter a private mount namespace."""
     if _libc.unshare(flags) != 0:
         raise _fail(None)
+
+
+def crypt(key: str, setting: str) -> Optional[str]:
+    """crypt(3) of libcrypt (libxcrypt): ``key`` hashed with the method and salt of
+    ``setting`` (a whole stored hash will do); None where libcrypt is missing or the
+    method unknown. Used by the image audit only: it loads libcrypt on first use."""
+    import ctypes.util
+    global _libcrypt
+    if _libcrypt is None:
+        name = ctypes.util.find_library("crypt")
+        if name is None:
+            return None
+        _libcrypt = ctypes.CDLL(name, use_errno=True)
+        _libcrypt.crypt.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+        _libcrypt.crypt.restype = ctypes.c_char_p
+    out = _libcrypt.crypt(key.encode(), setting.encode())
+    if not out or out.startswith(b"*"):  # libxcrypt's failure token: "*0" / "*1"
+        return None
+    return os.fsdecode(out)

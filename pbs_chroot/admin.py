@@ -9,7 +9,6 @@ import logging
 import os
 import signal
 import sys
-import time
 from typing import Optional, Sequence
 
 from . import config as config_mod
@@ -51,14 +50,15 @@ finally:
     os._exit(rc)
 '''
 MOM_CONFIG_ADVICE = """\
+{starter}
 # Add to {mom_priv}/config, then restart pbs_mom:
 #
 # The prologue asks the server for the job's variables (pbs_python or qstat)
 # and sets up the image: give it time, but less than Torque's default 300 s.
 $prologalarm 120
 #
-# Do NOT set `$job_starter_run_privileged true`: pbs_mom would then start
-# the job as root inside the image.
+# Never set `$job_starter_run_privileged true`: pbs_mom would then start
+# the job as root inside the image (install refuses a config that does).
 """
 
 
@@ -78,8 +78,14 @@ def render_hook(name: str, python: str = "/usr/bin/python3",
 
 
 def install(pbs_home: str, config: str, pbsnodes: str, python: str, force: bool,
-            syslog: str = "/dev/log") -> str:
-    """Write the four hooks into PBS_HOME/mom_priv; return the mom config advice."""
+            starters: Optional[str] = None, syslog: str = "/dev/log") -> str:
+    """Write the four hooks into PBS_HOME/mom_priv, the job starters and the $job_starter
+    line; return the mom config advice.
+
+    starters: a directory of prebuilt job_starter and job_starter-nnp (else
+    they are compiled here).
+    """
+    from . import starter
     mom_priv = os.path.join(pbs_home, "mom_priv")
     if not os.path.isdir(mom_priv):
         raise UserError(f"can't install: {mom_priv} is not a directory (is {pbs_home} "
@@ -90,14 +96,32 @@ def install(pbs_home: str, config: str, pbsnodes: str, python: str, force: bool,
         if os.path.lexists(path) and not force and _MARKER not in _read(path):
             raise UserError(f"can't install: {path} exists and is not ours; "
                             "move it away or use --force")
+    cfg, changed = None, False
+    try:
+        cfg = config_mod.load(config)
+    except ConfigError as e:
+        logger.warning("hooks installed, but the config is not usable yet: %s", e.detail)
+    job_starter = cfg.job_starter if cfg is not None else config_mod.DEFAULT_JOB_STARTER
+    if job_starter:
+        # Before the hooks: a mom config that starts jobs privileged is refused first.
+        settings = starter.read_mom_config(pbs_home) or []
+        login = not any(line.split()[:2] == ["$source_login_batch", "false"]
+                        for line in settings)
+        starter.install(job_starter, starters, login)
+        changed = starter.set_mom_config(pbs_home, job_starter, force)
     for name in HOOKS:
         _write_root_file(os.path.join(mom_priv, name),
                          render_hook(name, python, config, pbsnodes, libdir, syslog))
-    try:
-        ensure_layout(config_mod.load(config).state_dir)
-    except ConfigError as e:
-        logger.warning("hooks installed, but the config is not usable yet: %s", e.detail)
-    return MOM_CONFIG_ADVICE.format(mom_priv=mom_priv)
+    if cfg is not None:
+        ensure_layout(cfg.state_dir)
+    note = (f"# Job starters installed: {job_starter} (pass-through, on the host) and "
+            f"{starter.nnp_path(job_starter)}\n# (bound over it in every stage: no_new_privs)."
+            f"\n# {mom_priv}/config {'now has' if changed else 'already had'} "
+            f"`$job_starter {job_starter}`"
+            + (" (the old file is config.orig)" if changed else "") + "." if job_starter
+            else "# job_starter = none in the config: no job starter installed (not a "
+            "Torque node?).")
+    return MOM_CONFIG_ADVICE.format(mom_priv=mom_priv, starter=note)
 
 
 def _read(path: str) -> str:
@@ -171,7 +195,9 @@ def run(cfg_path: str, image: str, user: Optional[str], cmd: Sequence[str]) -> i
     user = user or _default_user()
     _check_run_user(user)  # before any stage, cgroup or accounting line
     allowed = gate.check_value(image, cfg, user, "local")
-    job = lifecycle.Job(f"run-{os.getpid()}-{int(time.time())}."
+    # A random part: nobody can foresee the id, so nobody can plant its names
+    # (its TMPDIR, say) beforehand. The pid stays second: the reconciler reads it.
+    job = lifecycle.Job(f"run-{os.getpid()}-{os.urandom(6).hex()}."
                         f"{os.uname().nodename.split('.')[0]}", user, _primary_group(user),
                         "local", "")
     ensure_layout(cfg.state_dir)
@@ -222,13 +248,25 @@ def run(cfg_path: str, image: str, user: Optional[str], cmd: Sequence[str]) -> i
 
 
 def _make_job_tmpdir(base: str, job_id: str, user: str) -> str:
-    """BASE/JOB_ID, the user's, mode 0700, made below an fd of ``base`` (no link followed)."""
+    """BASE/JOB_ID, the user's, mode 0700, made below an fd of ``base`` (no link followed).
+
+    The base is world-writable like /tmp: a name someone made there first
+    (however they guessed it) is left alone, and a fresh random one used.
+    """
     import pwd
     pw = pwd.getpwnam(user)
     bfd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        os.mkdir(job_id, 0o700, dir_fd=bfd)
-        fd = os.open(job_id, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+        name = job_id
+        for _ in range(8):
+            try:
+                os.mkdir(name, 0o700, dir_fd=bfd)
+                break
+            except FileExistsError:
+                name = f"{job_id}.{os.urandom(4).hex()}"
+        else:
+            raise FileExistsError(17, "every name tried exists", base)
+        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
                      dir_fd=bfd)
         try:
             os.fchown(fd, pw.pw_uid, pw.pw_gid)
@@ -239,7 +277,7 @@ def _make_job_tmpdir(base: str, job_id: str, user: str) -> str:
         raise UserError(f"can't make the job's TMPDIR in {base}: {e.strerror}") from e
     finally:
         os.close(bfd)
-    return os.path.join(base, job_id)
+    return os.path.join(base, name)
 
 
 def _primary_group(user: str) -> str:
@@ -319,6 +357,14 @@ def check(cfg_path: str) -> int:
         except PbsChrootError as e:
             bad += 1
             print(f"image {img.path}: REFUSED: {e.detail}")
+    from .starter import node_problem
+    problem = node_problem(cfg)
+    if problem:
+        bad += 1
+        print(f"job starter: REFUSED: {problem}")
+    elif cfg.job_starter:
+        print(f"job starter {cfg.job_starter} (-nnp in stages), in {cfg.pbs_home}"
+              "/mom_priv/config: OK")
     return 1 if bad else 0
 
 
@@ -362,7 +408,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="pbsnodes used to offline the node on a site fault")
     i.add_argument("--python", default=sys.executable,
                    help="interpreter the hooks run with (default: this one)")
-    i.add_argument("--force", action="store_true", help="replace foreign hook scripts")
+    i.add_argument("--force", action="store_true",
+                   help="replace foreign hook scripts and another $job_starter")
+    i.add_argument("--starters", metavar="DIR",
+                   help="prebuilt job_starter and job_starter-nnp (default: compile them)")
     i.add_argument("--syslog-socket", default="/dev/log",
                    help="where the hooks log before the config is read, and when it is "
                    "refused (default %(default)s; then the config's syslog_socket)")
@@ -442,7 +491,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if not args.pbs_home:
                 raise UserError("install: --pbs-home is required (or --submit-filter)")
             print(install(args.pbs_home, os.path.abspath(args.config), args.pbsnodes,
-                          args.python, args.force, args.syslog_socket), end="")
+                          args.python, args.force, args.starters, args.syslog_socket),
+                  end="")
             return 0
         if args.command == "run":
             return run(args.config, args.image, args.user, args.cmd)

@@ -21,6 +21,8 @@ if TYPE_CHECKING:
 __all__ = ["DEFAULT_PATH", "BindSpec", "Image", "Config", "load", "parse", "parse_bind"]
 
 DEFAULT_PATH = "/etc/pbs_chroot/pbs_chroot.conf"
+DEFAULT_JOB_STARTER = "/usr/libexec/pbs_chroot/job_starter"
+NNP_SUFFIX = "-nnp"
 MAIN = "pbs_chroot"
 IMAGE_PREFIX = "image "
 BIND_OPTIONS = frozenset({"ro", "rw", "rec", "dev", "exec", "noexec", "optional"})
@@ -88,7 +90,7 @@ class Config(Record):
                  "job_info_timeout", "lock_timeout", "offline_node", "node_name", "keep_stage",
                  "syslog_socket", "cgroups", "cgroup_parent", "torque_cgroup_parent",
                  "memory_policy", "memory_cap", "limit_swap", "pids_max", "kill_timeout",
-                 "accounting_log", "identity", "tmpdir", "user_dirs")
+                 "accounting_log", "identity", "tmpdir", "user_dirs", "job_starter")
 
     def __init__(self, path: str, images: tuple[Image, ...], binds: tuple[BindSpec, ...],
                  state_dir: str = "/var/lib/pbs_chroot", pbs_home: str = "/var/spool/torque",
@@ -102,7 +104,8 @@ class Config(Record):
                  kill_timeout: float = 30.0,
                  accounting_log: str = "/var/log/pbs_chroot/accounting.jsonl",
                  identity: str = "generated", tmpdir: str = "",
-                 user_dirs: tuple[str, ...] = ()) -> None:
+                 user_dirs: tuple[str, ...] = (),
+                 job_starter: str = DEFAULT_JOB_STARTER) -> None:
         self.path = path
         self.images = images
         self.binds = binds
@@ -128,6 +131,9 @@ class Config(Record):
         self.identity = identity  # how users are known inside images (identity.py)
         self.tmpdir = tmpdir  # pbs_mom's $tmpdir: the base of each job's $TMPDIR ('' = none)
         self.user_dirs = user_dirs  # work directories like a home ("%u": the user's name)
+        # pbs_mom's $job_starter: a pass-through on the host, its -nnp sibling
+        # bound over it in every stage ('' = none: not a Torque node).
+        self.job_starter = job_starter
 
     def image(self, path: str) -> Optional[Image]:
         """The allowlisted image whose path equals ``path`` as text, or None."""
@@ -135,6 +141,10 @@ class Config(Record):
             if img.path == path:
                 return img
         return None
+
+    def nnp_starter(self) -> str:
+        """The no_new_privs job starter, bound over job_starter in every stage ('' = none)."""
+        return self.job_starter + NNP_SUFFIX if self.job_starter else ""
 
     def identity_of(self, path: str) -> str:
         """How users are known inside the image whose allowlisted path is ``path``."""
@@ -258,7 +268,7 @@ _FIELDS = {
     "cgroup_parent": "cgroupname", "torque_cgroup_parent": "cgroupname",
     "memory_policy": "policy", "memory_cap": "size", "limit_swap": "bool", "pids_max": "count",
     "kill_timeout": "seconds", "accounting_log": "abspath", "identity": "identity",
-    "tmpdir": "abspath", "user_dirs": "userdirs",
+    "tmpdir": "abspath", "user_dirs": "userdirs", "job_starter": "starter",
 }
 _IDENTITY_MODES = ("generated", "host", "nscd")
 _SPECIAL_SOURCES = ("proc", "tmpfs")
@@ -278,6 +288,14 @@ def _convert(path: str, key: str, value: str) -> object:
     if kind == "cgroupname" and not _is_cgroup_name(value):
         raise ConfigError(f"config {path}: {key} must be a relative cgroup path like "
                           f"'pbs_chroot', not {value!r}")
+    if kind == "starter":
+        if value == "none":
+            return ""
+        if not (value.startswith("/") and value.isprintable() and " " not in value
+                and ".." not in value.split("/")):
+            raise ConfigError(f"config {path}: {key} must be an absolute path without spaces "
+                              f"(pbs_mom's $job_starter), or none, not {value!r}")
+        return value
     if kind == "userdirs":
         dirs = tuple(value.split())
         if not all(d.startswith("/") and ".." not in d.split("/") for d in dirs):

@@ -32,6 +32,7 @@ log = get_logger(__name__)
 
 _AUDIT_SECONDS = 10
 _ID_FILES = ("/etc/passwd", "/etc/group")
+_SHADOW_FILES = ("/etc/shadow", "/etc/gshadow")
 _NSCD = "/var/run/nscd"
 
 
@@ -63,12 +64,14 @@ def all_binds(cfg: Config) -> tuple[BindSpec, ...]:
 GENERATED_SDIR = "/nonexistent/pbs_chroot-stage"
 
 
-def bind_set(cfg: Config, sdir: str = "", mode: str = "host") -> tuple[BindSpec, ...]:
+def bind_set(cfg: Config, sdir: str = "", mode: str = "host",
+             version: str = "") -> tuple[BindSpec, ...]:
     """The config's binds plus Torque's job directory, read-only (the job script is there).
 
     Not noexec: the job's shell reads the script's path on stdin and executes it.
     mode (identity.MODES) "generated": /etc/passwd and /etc/group come from the
-    stage's own files in ``sdir``; "nscd": the image keeps its own files and
+    stage's own files in ``sdir``, and so do /etc/shadow and /etc/gshadow where
+    the image at ``version`` has them; "nscd": the image keeps its own files and
     gets the host's nscd socket directory; "host": the config's binds as they are.
     """
     jobs = jobs_dir(cfg)
@@ -78,6 +81,13 @@ def bind_set(cfg: Config, sdir: str = "", mode: str = "host") -> tuple[BindSpec,
     if mode == "generated":
         binds += tuple(BindSpec(target=t, source=os.path.join(sdir, os.path.basename(t)),
                                 readonly=True, noexec=True) for t in _ID_FILES)
+        # Every password locked: nothing in the image can authenticate as anyone.
+        # Only over the files the image has (``version``): a missing one holds
+        # no password to cover, and the version is never written to for it.
+        binds = tuple(b for b in binds if b.target not in _SHADOW_FILES)
+        binds += tuple(BindSpec(target=t, source=os.path.join(sdir, os.path.basename(t)),
+                                readonly=True, noexec=True, optional=True)
+                       for t in _SHADOW_FILES if version and os.path.lexists(version + t))
     elif mode == "nscd" and not any(b.target == _NSCD for b in binds):
         binds += (BindSpec(target=_NSCD, source=_NSCD, readonly=True, optional=True),)
     if cfg.tmpdir and not any(b.target == cfg.tmpdir for b in binds):
@@ -85,6 +95,10 @@ def bind_set(cfg: Config, sdir: str = "", mode: str = "host") -> tuple[BindSpec,
         # bound whole (rec), so jobs that start later find theirs without a
         # mount of their own, at the same path as on the host.
         binds += (BindSpec(target=cfg.tmpdir, source=cfg.tmpdir, rec=True),)
+    if cfg.job_starter:
+        # pbs_mom execs $job_starter inside the chroot: here it is the one that
+        # sets no_new_privs (starter/job_starter.c).
+        binds += (BindSpec(target=cfg.job_starter, source=cfg.nnp_starter(), readonly=True),)
     return binds + (BindSpec(target=jobs, source=jobs, readonly=True, optional=True),)
 
 
@@ -131,8 +145,8 @@ def join_locked(cfg: Config, job_ids: Sequence[str], version: str,
     mode = cfg.identity_of(image)
     if mode == "generated":
         identity.prepare(sdir)
-    steps = mounts.with_mount_points(version, mounts.plan(version, bind_set(cfg, sdir, mode)),
-                                     jobs_dir(cfg))
+    steps = mounts.with_mount_points(
+        version, mounts.plan(version, bind_set(cfg, sdir, mode, version)), jobs_dir(cfg))
     info = read_json(os.path.join(sdir, "info.json"))
     problem = _problem(info, version, steps)
     if problem and _in_use(sdir, info, version):
@@ -271,6 +285,8 @@ def _build(cfg: Config, sdir: str, version: str, steps: list[mounts.MountStep],
     write_json(os.path.join(sdir, "info.json"), info)  # before the first mount
     faults.point("stage:info_written")
     _report_setuid(cfg, version)
+    if cfg.job_starter:  # every job in the stage will exec it, as the user
+        resolve_admin_path(cfg.nnp_starter())
     if mode == "generated":  # the image's own files, before the stage covers them
         identity.snapshot_image(version, sdir)
     log.info("setting up stage %s: %s", version, "; ".join(s.describe() for s in steps))

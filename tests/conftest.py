@@ -91,6 +91,17 @@ def home_of(user: str) -> Path:
     return tmpfs_root() / "home" / user
 
 
+def starter_dir() -> Path:
+    """The job starters (pbs_chroot/starter/job_starter.c), built once per test run in a
+    root-only directory of the test tmpfs, as `pbs-chroot install` builds them."""
+    from pbs_chroot import starter
+    d = tmpfs_root() / "libexec"
+    if not (d / "job_starter-nnp").exists():
+        d.mkdir(mode=0o755, exist_ok=True)
+        starter.build(str(d))
+    return d
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
     skip = pytest.mark.skip(reason="needs root: real mounts, chroot and privilege drop")
     for item in items:
@@ -230,6 +241,10 @@ class Site:
         # this site binds the test users' homes too.
         home = self.version / str(tmpfs_root() / "home").lstrip("/")
         home.mkdir(parents=True, exist_ok=True)
+        # ... and the job starter's, at the path of this site's $job_starter.
+        starter = self.version / str(starter_dir() / "job_starter").lstrip("/")
+        starter.parent.mkdir(parents=True, exist_ok=True)
+        starter.touch()
         (base / "chroot").mkdir(mode=0o755)
         self.image = base / "chroot" / "sl5"       # what users write in PBS_O_ROOTDIR
         self.image.symlink_to(self.version)
@@ -252,7 +267,10 @@ class Site:
                 (str(tmpfs_root() / "home"), f"{tmpfs_root() / 'home'} rec"),))
         text = (f"[pbs_chroot]\nstate_dir = {self.state}\npbs_home = {self.pbs_home}\n"
                 f"syslog_socket = {self.base / 'log.sock'}\ncgroup_parent = {CG_PARENT}\n"
-                f"accounting_log = {self.accounting}\n{main}\n"
+                f"accounting_log = {self.accounting}\n"
+                + ("" if "job_starter =" in main
+                   else f"job_starter = {starter_dir() / 'job_starter'}\n")
+                + f"{main}\n"
                 f"[image {self.image}]\n{images}\n{binds}{extra}")
         self.config.write_text(text)
         os.chmod(self.config, 0o644)
@@ -316,6 +334,7 @@ class Node:
         # this machine's /dev/log (rsyslog running or not).
         res = pbs_chroot_cli("--config", str(site.config), "install", "--pbs-home",
                              str(site.pbs_home), "--pbsnodes", str(self.emu.pbsnodes_path),
+                             "--starters", str(starter_dir()),
                              "--syslog-socket", str(site.base / "log.sock"))
         assert res.returncode == 0, res.stderr
         self.seq = 100

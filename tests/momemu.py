@@ -17,6 +17,7 @@ exit 254); the shell is a login shell ("-sh": $source_login_batch defaults to tr
 
 import os
 import shutil
+import stat
 import signal
 import time
 import traceback
@@ -82,6 +83,7 @@ class _Plan:
     shell: str
     argv0: str
     alarm: float
+    job_starter: Optional[str] = None
 
 
 # ---- process helpers (used in forked children and in the emulator) ----
@@ -242,6 +244,13 @@ def _job_child(plan: _Plan, status_fd: int) -> int:
     if code:
         return code & 0xFF
     _reset_signals()
+    if plan.job_starter:
+        # TMomFinalizeChild with $job_starter: STARTER SHELL, the shell's full
+        # path and no login "-" (fixtures: env.job_starter.*, strace_mom_job_children).
+        with suppress(OSError):
+            os.execve(plan.job_starter, [plan.job_starter, plan.shell], plan.job_env)
+        _write(2, f"PBS: exec of job starter '{plan.job_starter[:256]}' failed\n")
+        return 254
     with suppress(OSError):
         os.execve(plan.shell, [plan.argv0], plan.job_env)
     _write(2, f"PBS: exec of shell '{plan.shell[:256]}' failed\n")
@@ -406,7 +415,22 @@ class MomEmulator:
             initdir=ident.home if initdir is None else initdir,
             uid=ident.uid, gid=ident.gid, groups=tuple(os.getgrouplist(ident.user, ident.gid)),
             shell=shell, argv0=("-" + name) if self.source_login_batch else name,
-            alarm=self.prologue_alarm)
+            alarm=self.prologue_alarm, job_starter=self.job_starter())
+
+    def job_starter(self) -> Optional[str]:
+        """$job_starter of mom_priv/config, as pbs_mom's jobstarter() takes it: the last
+        such line, kept only if it stat()s on the host as executable by its owner."""
+        found = None
+        config = self.mom_priv / "config"
+        for line in config.read_text().splitlines() if config.exists() else []:
+            words = line.split(None, 1)
+            if words and words[0] == "$job_starter" and len(words) == 2:
+                try:
+                    ok = os.stat(words[1].strip()).st_mode & stat.S_IXUSR
+                except OSError:
+                    ok = 0
+                found = words[1].strip() if ok else found
+        return found
 
 
 def _write_owned(path: str, data: bytes, mode: int, ident: fakes.Identity) -> None:

@@ -11,7 +11,7 @@ import pytest
 from pbs_chroot import _sys, config, images, log, mounts, stage
 from pbs_chroot.errors import MountError
 from pbs_chroot.state import ensure_layout
-from tests.conftest import Site, Syslog, pbs_chroot_cli, tmpfs_root
+from tests.conftest import Site, Syslog, pbs_chroot_cli, starter_dir, tmpfs_root
 
 pytestmark = [pytest.mark.root,
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root: real mounts")]
@@ -21,8 +21,9 @@ DEFAULT_TARGETS = ["", "/proc", "/sys", "/dev", "/dev/pts", "/dev/shm", "/home",
 
 
 def stage_targets() -> list[str]:
-    """The default bind set plus the test homes that Site.write_config adds."""
-    return DEFAULT_TARGETS + [str(tmpfs_root() / "home")]
+    """The default bind set plus the test homes and the job starter that Site.write_config
+    adds."""
+    return DEFAULT_TARGETS + [str(tmpfs_root() / "home"), str(starter_dir() / "job_starter")]
 
 
 def load(site: Site) -> config.Config:
@@ -113,7 +114,8 @@ def test_stage_in_use_is_never_rebuilt(site: Site) -> None:
     assert below(site.version) == []
     stage.join(cfg, "3.vm", v)  # the next stage follows the new plan
     assert below(site.version) == [v, v + "/proc", v + "/home", v + "/data", v + "/etc/passwd",
-                                   v + "/etc/group"]  # the generated ones (identity.py)
+                                   v + "/etc/group",  # the generated ones (identity.py)
+                                   v + str(starter_dir() / "job_starter")]
     stage.leave(cfg, "3.vm", v)
 
 
