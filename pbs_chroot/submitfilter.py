@@ -81,7 +81,11 @@ def _check_shell(cfg: Config, image: Image, req: Request, user: str) -> None:
 
     from . import shells
     from .errors import UserError
-    shell = shells.pick_shell(req.last("S") or "", os.uname().nodename)
+    given = req.last("S") or ""
+    # The execution host is not known yet: only an entry without @host is sure to apply.
+    shell = shells.pick_shell(",".join(e for e in given.split(",") if "@" not in e), "")
+    if given and not shell:
+        return  # only per-host shells: pbs_mom picks by a host we don't know
     if not shell:
         try:
             shell = pwd.getpwuid(os.getuid()).pw_shell or "/bin/sh"

@@ -163,3 +163,21 @@ def test_installed_filter_text_is_plain() -> None:
     compile(text, "filter", "exec")
     with pytest.raises(UserError):
         render_filter("/usr/local/sbin/f", "/usr/bin/python3", '/etc/p".conf', "/usr/lib/x")
+
+
+def test_per_host_shells_are_not_judged_at_qsub(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """-S path@host: the execution host is not known at qsub; a plain entry is judged."""
+    image = tmp_path / "img"
+    (image / "bin").mkdir(parents=True)
+    (image / "bin" / "sh").write_text("")
+    (image / "bin" / "sh").chmod(0o755)
+    conf = tmp_path / "c.conf"
+    conf.write_text(f"[pbs_chroot]\nstate_dir = /nonexistent\n[image {image}]\n")
+    monkeypatch.setattr(config, "load", lambda p: config.parse(Path(p).read_text(), p))
+    ok = submitfilter.check(["-D", str(image), "-S", "/bin/bash@n1"], b"", {}, str(conf))
+    assert ok == ""
+    bad = submitfilter.check(["-D", str(image), "-S", "/bin/bash@n1,/bin/bash"], b"", {},
+                             str(conf))
+    assert "the job's shell /bin/bash is not in the image" in bad
+    assert submitfilter.check(["-D", str(image), "-S", "/bin/sh"], b"", {}, str(conf)) == ""
