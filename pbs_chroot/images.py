@@ -18,9 +18,10 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 from . import mounts, stage
 from .config import Config, Image
-from .errors import PbsChrootError, SiteError, UnsafePathError, UserError
-from .paths import (check_version_private, check_versions_dir, open_in_root,
-                    resolve_admin_path, resolve_in_tree)
+from .errors import PbsChrootError, SiteError, UserError
+from .mountpoints import add_mount_points, missing_mount_points
+from .paths import (check_version_private, check_versions_dir, resolve_admin_path,
+                    resolve_in_tree)
 from .state import list_records, load_record, node_lock
 
 __all__ = ["find", "versions_dir", "current", "versions", "in_use", "switch", "audit",
@@ -243,7 +244,7 @@ def audit(cfg: Config, root: str, strip_setuid: bool = False, force: bool = Fals
             if strip_setuid:
                 os.chmod(path, stat.S_IMODE(mode) & ~(stat.S_ISUID | stat.S_ISGID))
                 out.stripped.append(rel)
-    for missing in _missing_mount_points(cfg, root):
+    for missing in missing_mount_points(cfg, root):
         out.problems.append(f"{missing}: mount point missing or unusable (`pbs-chroot image build` "
                             "adds them; for a published tree, add them at the source)")
     if not _exists_in(root, "/bin/sh"):
@@ -279,72 +280,9 @@ def _walk(root: str, dev: int, problems: list[str], skip: set[str]) -> "Any":
             stack.extend(os.path.join(path, n) for n in sorted(names, reverse=True))
 
 
-def mount_points(cfg: Config) -> list[tuple[str, bool, bool]]:
-    """(target, is_file, required) of every bind a stage of this node may have
-    (stage.all_binds): the mount points a version should carry. Optional binds whose
-    source this host lacks are left out (the stage skips them too); the other optional
-    ones are not required (the stage skips them with a warning), but the job directory is."""
-    out = []
-    jobs = stage.jobs_dir(cfg)
-    for spec in stage.all_binds(cfg):
-        required = not spec.optional or spec.target == jobs
-        if not spec.source.startswith("/"):
-            out.append((spec.target, False, required))  # proc, tmpfs
-        elif spec.source.startswith(stage.GENERATED_SDIR + "/") or \
-                (cfg.job_starter and spec.target == cfg.job_starter):
-            # The stage's own passwd, group ...; the job starter (a file, whether or not
-            # `install` has put its source on this host yet).
-            out.append((spec.target, True, required))
-        else:
-            try:
-                st = os.stat(spec.source)
-            except OSError:
-                if not spec.optional:
-                    out.append((spec.target, False, required))
-                continue
-            out.append((spec.target, stat.S_ISREG(st.st_mode), required))
-    return out
-
-
-def _missing_mount_points(cfg: Config, root: str) -> list[str]:
-    """Mount points the stage would refuse (a symlink on the way) or lack."""
-    bad = []
-    fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        for target, _, required in mount_points(cfg):
-            try:
-                os.close(open_in_root(fd, target))
-            except UnsafePathError as e:
-                bad.append(f"{target} ({e.detail})")
-            except (FileNotFoundError, NotADirectoryError):
-                if required:
-                    bad.append(target)
-    finally:
-        os.close(fd)
-    return bad
-
-
 def _exists_in(root: str, path: str) -> bool:
     """Whether ``path`` exists in the tree at ``root``, symlinks resolved inside it."""
     return resolve_in_tree(root, path) is not None
-
-
-def add_mount_points(cfg: Config, root: str) -> list[str]:
-    """Make the mount points the stage needs (never following a symlink); return them."""
-    made = []
-    fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        for target, is_file, _ in mount_points(cfg):
-            if os.path.lexists(root + target):
-                continue  # (a symlink there is the audit's to report)
-            try:
-                os.close(open_in_root(fd, target, "file" if is_file else "dir"))
-            except UnsafePathError:
-                continue  # a symlink on the way: the audit reports it
-            made.append(target)
-    finally:
-        os.close(fd)
-    return made
 
 
 # --- build, deploy, rollback, gc ---------------------------------------------
