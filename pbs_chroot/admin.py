@@ -37,11 +37,12 @@ import sys
 
 CONFIG = "{config}"
 PBSNODES = "{pbsnodes}"
+SYSLOG = "{syslog}"  # until the config names its own (a refused config can't)
 sys.path.append("{libdir}")
 
 {marker} {func}  # noqa: E402
 
-rc = {func}(sys.argv, CONFIG, PBSNODES)
+rc = {func}(sys.argv, CONFIG, PBSNODES, SYSLOG)
 try:  # os._exit: no interpreter teardown (~2 ms a job), so flush first
     sys.stdout.flush()
     sys.stderr.flush()
@@ -63,20 +64,21 @@ $prologalarm 120
 
 def render_hook(name: str, python: str = "/usr/bin/python3",
                 config: str = config_mod.DEFAULT_PATH, pbsnodes: str = "/usr/bin/pbsnodes",
-                libdir: str = "/usr/lib/python3/dist-packages") -> str:
+                libdir: str = "/usr/lib/python3/dist-packages", syslog: str = "/dev/log") -> str:
     """The text of an installed entry script (prologue/prologue is this, with the defaults)."""
     kind = name.split(".")[0]
     what = "the pbs_chroot gate" if kind == "prologue" else "pbs_chroot teardown"
-    for value in (python, config, pbsnodes, libdir):
+    for value in (python, config, pbsnodes, libdir, syslog):
         if not value.startswith("/") or not value.isprintable() or '"' in value or "\\" in value:
             raise UserError(f"can't install: {value!r} must be an absolute, plain path")
     return _TEMPLATE.format(python=python, kind=kind, what=what,
                             when="before" if kind == "prologue" else "after", config=config,
-                            pbsnodes=pbsnodes, libdir=libdir, marker=_MARKER, func=HOOKS[name])
+                            pbsnodes=pbsnodes, libdir=libdir, marker=_MARKER, func=HOOKS[name],
+                            syslog=syslog)
 
 
 def install(pbs_home: str, config: str, pbsnodes: str, python: str, force: bool,
-            starters: Optional[str] = None) -> str:
+            starters: Optional[str] = None, syslog: str = "/dev/log") -> str:
     """Write the four hooks into PBS_HOME/mom_priv, the job starters and the $job_starter
     line; return the mom config advice.
 
@@ -109,7 +111,7 @@ def install(pbs_home: str, config: str, pbsnodes: str, python: str, force: bool,
         changed = starter.set_mom_config(pbs_home, job_starter, force)
     for name in HOOKS:
         _write_root_file(os.path.join(mom_priv, name),
-                         render_hook(name, python, config, pbsnodes, libdir))
+                         render_hook(name, python, config, pbsnodes, libdir, syslog))
     if cfg is not None:
         ensure_layout(cfg.state_dir)
     note = (f"# Job starters installed: {job_starter} (pass-through, on the host) and "
@@ -191,6 +193,7 @@ def run(cfg_path: str, image: str, user: Optional[str], cmd: Sequence[str]) -> i
     cfg = config_mod.load(cfg_path)
     log.use_socket(cfg.syslog_socket)
     user = user or _default_user()
+    _check_run_user(user)  # before any stage, cgroup or accounting line
     allowed = gate.check_value(image, cfg, user, "local")
     # A random part: nobody can foresee the id, so nobody can plant its names
     # (its TMPDIR, say) beforehand. The pid stays second: the reconciler reads it.
@@ -232,6 +235,7 @@ def run(cfg_path: str, image: str, user: Optional[str], cmd: Sequence[str]) -> i
         status = _wait_forwarding(pid)
     finally:
         acct = lifecycle.end_job(cfg, job.job_id, str(status))
+        _remove_empty_cgroup_parent(cfg)
         if scratch:  # its processes are gone: end_job killed what was left
             import shutil
             shutil.rmtree(scratch, ignore_errors=True)  # fd-based: follows no link
@@ -293,18 +297,48 @@ def _primary_group(user: str) -> str:
         return ""
 
 
+def _remove_empty_cgroup_parent(cfg: config_mod.Config) -> None:
+    """The job's cgroup is gone: our parent too, unless other jobs have theirs in it."""
+    if not cfg.cgroups:
+        return
+    from . import cgroups
+    try:
+        cgroups.remove_parent_if_empty(cgroups.detect(), cfg.cgroup_parent)
+    except PbsChrootError as e:
+        logger.warning("cgroup parent %s left: %s", cfg.cgroup_parent, e.detail)
+
+
+def _check_run_user(user: str) -> None:
+    """A job user must exist on this node and not be root (UserError: exit 2)."""
+    import pwd
+    try:
+        pw = pwd.getpwnam(user)
+    except KeyError:
+        raise UserError(f"run: no user {user!r} on this node") from None
+    if pw.pw_uid == 0:
+        raise UserError(f"run: refusing to run a job as {user!r} (uid 0): jobs never run "
+                        "as root")
+
+
 def _default_user() -> str:
     sudo = os.environ.get("SUDO_USER", "")
     return sudo if sudo and sudo != "root" else "nobody"
 
 
 def _wait_forwarding(pid: int) -> int:
-    """Wait for the job, passing SIGINT/SIGTERM/SIGHUP on to it."""
+    """Wait for the job, passing SIGINT/SIGTERM/SIGHUP on to its process group.
+
+    The shim makes the job a session (and group) leader of its own: a Ctrl-C on the
+    admin's terminal reaches only this process, so it is sent on to the whole group.
+    """
     def forward(signum: int, _frame: object) -> None:
         try:
-            os.kill(pid, signum)
-        except ProcessLookupError:
-            pass
+            os.killpg(pid, signum)
+        except (ProcessLookupError, PermissionError):
+            try:  # not yet a group leader (before the shim's setsid)
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
     old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         _, wstatus = os.waitpid(pid, 0)
@@ -319,6 +353,9 @@ def check(cfg_path: str) -> int:
     """Validate the config and every image path; print one line per image."""
     cfg = config_mod.load(cfg_path)
     print(f"config {cfg.path}: OK ({len(cfg.images)} image(s), {len(cfg.binds)} bind(s))")
+    if not cfg.images:
+        print(f"WARNING: {cfg.path} allowlists no image ([image PATH] sections): every job "
+              "that asks for one will be refused")
     bad = 0
     for img in cfg.images:
         try:
@@ -364,13 +401,20 @@ def cleanup(cfg_path: str, dry_run: bool) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pbs-chroot", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="pbs-chroot", description="Run batch jobs in allowlisted OS images: the admin "
+        "commands (and the qsub submit filter).", epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=os.environ.get("PBS_CHROOT_CONFIG",
                                                       config_mod.DEFAULT_PATH),
                    help="config file (default: $PBS_CHROOT_CONFIG or %(default)s)")
     sub = p.add_subparsers(dest="command", required=True)
     i = sub.add_parser("install", help="install the hooks into PBS_HOME/mom_priv")
-    i.add_argument("--pbs-home", required=True)
+    i.add_argument("--pbs-home", help="pbs_mom's PBS_HOME (required for the hooks; with "
+                   "--submit-filter, where torque.cfg is)")
+    i.add_argument("--submit-filter", metavar="PATH", nargs="?", const=_filter_default(),
+                   help="on a submit host: write the qsub submit filter at PATH (default "
+                   "%(const)s) and set SUBMITFILTER in PBS_HOME/torque.cfg (or print the line)")
     i.add_argument("--pbsnodes", default="/usr/bin/pbsnodes",
                    help="pbsnodes used to offline the node on a site fault")
     i.add_argument("--python", default=sys.executable,
@@ -379,11 +423,16 @@ def _parser() -> argparse.ArgumentParser:
                    help="replace foreign hook scripts and another $job_starter")
     i.add_argument("--starters", metavar="DIR",
                    help="prebuilt job_starter and job_starter-nnp (default: compile them)")
+    i.add_argument("--syslog-socket", default="/dev/log",
+                   help="where the hooks log before the config is read, and when it is "
+                   "refused (default %(default)s; then the config's syslog_socket)")
     r = sub.add_parser("run", help="run a command in an image as a job would run")
     r.add_argument("--image", required=True, help="the allowlisted path, as users write it")
     r.add_argument("--user", help="job user (default: $SUDO_USER, else nobody)")
     r.add_argument("cmd", nargs="+", help="the command (after --)")
     sub.add_parser("check", help="validate the config and the images")
+    sub.add_parser("submit-filter", help="the qsub submit filter, by hand: "
+                   "pbs-chroot submit-filter QSUB_ARGS... < SCRIPT (see install --submit-filter)")
     c = sub.add_parser("cleanup", help="finish or undo what jobs no longer on this node left "
                        "(records, stage members, cgroups); at mom start and from a timer")
     c.add_argument("--dry-run", action="store_true", help="only say what would be done")
@@ -392,22 +441,69 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--user", default="nobody", help="unprivileged user for the escape probes")
     from . import images
     images.add_arguments(sub.add_parser(
-        "image", help="image versions: build, audit, deploy, rollback, list, gc"))
+        "image", help="image versions: build, audit, deploy, rollback, list, gc, rpm"))
     report.add_arguments(sub.add_parser(
         "report", help="jobs, CPU hours, peak memory and OOM kills per user and per image"))
     return p
 
 
+EXIT_CODES = """exit codes:
+  0  success
+  1  a site fault or a failed check (a bad config or image, a failed step); also
+     the submit filter's rejection, and `run`'s job status when the job itself fails
+  2  bad arguments or a refused request (argparse's convention; not root)
+  run: the job's own exit status (128+N if killed by signal N; 125 the shim's set-up)"""
+_GLOBAL_OPTIONS = ("-h", "--help", "--config")
+
+
+def _filter_default() -> str:
+    from .filterinstall import DEFAULT_FILTER_PATH
+    return DEFAULT_FILTER_PATH
+
+
+def _install_filter(args: argparse.Namespace) -> int:
+    from .filterinstall import install_filter
+    libdir = _check_importable(args.python)
+    print(install_filter(os.path.abspath(args.submit_filter), args.python,
+                         os.path.abspath(args.config), libdir, args.force, args.pbs_home),
+          end="")
+    return 0
+
+
+def _submit_filter(words: Sequence[str]) -> Optional[int]:
+    """``pbs-chroot [--config F] submit-filter QSUB_ARGS... < SCRIPT``: the filter by hand,
+    as any user (None: not this command). Before argparse: the rest is qsub's arguments."""
+    cfg = os.environ.get("PBS_CHROOT_CONFIG", config_mod.DEFAULT_PATH)
+    if words[:1] == ["--config"] and len(words) > 2:
+        cfg, words = words[1], words[2:]
+    if words[:1] != ["submit-filter"]:
+        return None
+    from .submitfilter import main as filter_main
+    return filter_main(["pbs-chroot submit-filter"] + list(words[1:]), cfg)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Console entry point ``pbs-chroot``."""
-    args = _parser().parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    rc = _submit_filter(words)
+    if rc is not None:
+        return rc
+    parser = _parser()
+    if words and words[0].startswith("-") and words[0].split("=")[0] not in _GLOBAL_OPTIONS:
+        parser.error(f"unknown option {words[0]!r} (before the command, only --config)")
+    args = parser.parse_args(argv)
     log.setup("pbs-chroot")
     try:
         if os.geteuid() != 0:
             raise UserError("must be run as root")
+        if args.command == "install" and args.submit_filter:
+            return _install_filter(args)
         if args.command == "install":
+            if not args.pbs_home:
+                raise UserError("install: --pbs-home is required (or --submit-filter)")
             print(install(args.pbs_home, os.path.abspath(args.config), args.pbsnodes,
-                          args.python, args.force, args.starters), end="")
+                          args.python, args.force, args.starters, args.syslog_socket),
+                  end="")
             return 0
         if args.command == "run":
             return run(args.config, args.image, args.user, args.cmd)
@@ -431,6 +527,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"pbs-chroot: {e.detail}", file=sys.stderr)
         return 2
     except PbsChrootError as e:
-        logger.error("%s", e.detail)
+        log.syslog_only(log.ERROR, e.detail)  # printed just below: not twice without syslog
         print(f"pbs-chroot: {e.detail}", file=sys.stderr)
         return 1

@@ -7,6 +7,7 @@ examples/pbs_chroot.conf for an annotated example.
 """
 from __future__ import annotations
 
+import errno
 import os
 import stat
 
@@ -154,13 +155,18 @@ class Config(Record):
 def load(path: str = DEFAULT_PATH) -> Config:
     """Read and validate the config file, refusing one that is not safe to trust."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        # O_NONBLOCK: a FIFO planted at the path must not hang the caller.
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise ConfigError(f"refusing config {path}: it is a symlink (symlinks are refused: "
+                              "name the file itself)") from e
         raise ConfigError(f"can't read config {path}: {e.strerror}") from e
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise ConfigError(f"config {path} is not a regular file")
     with os.fdopen(fd, encoding="utf-8") as f:
-        st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            raise ConfigError(f"config {path} is not a regular file")
         if st.st_uid != 0 or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
             raise ConfigError(f"refusing config {path}: it must be owned by root and not "
                               f"writable by group or others (owner uid {st.st_uid}, "

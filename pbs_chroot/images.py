@@ -18,9 +18,10 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 from . import mounts, stage
 from .config import Config, Image
-from .errors import PbsChrootError, SiteError, UnsafePathError, UserError
-from .paths import (check_version_private, check_versions_dir, open_in_root,
-                    resolve_admin_path, resolve_in_tree)
+from .errors import PbsChrootError, SiteError, UserError
+from .mountpoints import add_mount_points, missing_mount_points
+from .paths import (check_version_private, check_versions_dir, resolve_admin_path,
+                    resolve_in_tree)
 from .state import list_records, load_record, node_lock
 
 __all__ = ["find", "versions_dir", "current", "versions", "in_use", "switch", "audit",
@@ -243,7 +244,7 @@ def audit(cfg: Config, root: str, strip_setuid: bool = False, force: bool = Fals
             if strip_setuid:
                 os.chmod(path, stat.S_IMODE(mode) & ~(stat.S_ISUID | stat.S_ISGID))
                 out.stripped.append(rel)
-    for missing in _missing_mount_points(cfg, root):
+    for missing in missing_mount_points(cfg, root):
         out.problems.append(f"{missing}: mount point missing or unusable (`pbs-chroot image build` "
                             "adds them; for a published tree, add them at the source)")
     if not _exists_in(root, "/bin/sh"):
@@ -279,48 +280,9 @@ def _walk(root: str, dev: int, problems: list[str], skip: set[str]) -> "Any":
             stack.extend(os.path.join(path, n) for n in sorted(names, reverse=True))
 
 
-def _missing_mount_points(cfg: Config, root: str) -> list[str]:
-    """Mount points the stage would refuse (a symlink on the way) or lack."""
-    bad = []
-    fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        for spec in stage.bind_set(cfg):
-            if spec.optional and spec.source.startswith("/") and not os.path.exists(spec.source):
-                continue  # the stage skips it on this host
-            try:
-                os.close(open_in_root(fd, spec.target))
-            except UnsafePathError as e:
-                bad.append(f"{spec.target} ({e.detail})")
-            except FileNotFoundError:
-                if not spec.optional:
-                    bad.append(spec.target)
-    finally:
-        os.close(fd)
-    return bad
-
-
 def _exists_in(root: str, path: str) -> bool:
     """Whether ``path`` exists in the tree at ``root``, symlinks resolved inside it."""
     return resolve_in_tree(root, path) is not None
-
-
-def add_mount_points(cfg: Config, root: str) -> list[str]:
-    """Make the mount points the stage needs (never following a symlink); return them."""
-    made = []
-    steps = mounts.plan(root, stage.bind_set(cfg))
-    fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        for step in steps:
-            if os.path.lexists(step.target):
-                continue  # (a symlink there is the audit's to report)
-            try:
-                os.close(open_in_root(fd, step.spec.target, "file" if step.is_file else "dir"))
-            except UnsafePathError:
-                continue  # a symlink on the way: the audit reports it
-            made.append(step.spec.target)
-    finally:
-        os.close(fd)
-    return made
 
 
 # --- build, deploy, rollback, gc ---------------------------------------------
@@ -550,33 +512,40 @@ def add_arguments(p: "Any") -> None:
     b.add_argument("--package", action="append", default=[],
                    help="package for --installroot (repeat; default: bash coreutils)")
     b.add_argument("--releasever", default="7", help="$releasever for --installroot")
-    b.add_argument("--strip-setuid", action="store_true")
+    b.add_argument("--strip-setuid", action="store_true",
+                   help="remove setuid/setgid bits")
     b.add_argument("--force", action="store_true", help=_FORCE_HELP)
     a = sub.add_parser("audit", help="check a version (or any tree) is safe to offer")
-    a.add_argument("path")
+    a.add_argument("path", help="a version directory (or any tree)")
     a.add_argument("--strip-setuid", action="store_true", help="remove setuid/setgid bits")
     a.add_argument("--force", action="store_true", help=_FORCE_HELP)
+    a.add_argument("--add-mount-points", action="store_true",
+                   help="first make the mount points this node's bind set needs (what a stage "
+                   "refuses to do at job time)")
     d = sub.add_parser("deploy", help="copy SOURCE into a new version, audit, switch to it")
-    d.add_argument("name")
+    d.add_argument("name", help="allowlisted path, or its last component")
     d.add_argument("source", help="directory, a version of this image, or an rsync source")
-    d.add_argument("--strip-setuid", action="store_true")
+    d.add_argument("--strip-setuid", action="store_true",
+                   help="remove setuid/setgid bits")
     d.add_argument("--force", action="store_true", help=_FORCE_HELP)
     r = sub.add_parser("rollback", help="switch back to VERSION (default: the previous one)")
-    r.add_argument("name")
-    r.add_argument("version", nargs="?")
+    r.add_argument("name", help="allowlisted path, or its last component")
+    r.add_argument("version", nargs="?", help="a version directory name (default: the "
+                   "previous current one)")
     r.add_argument("--force", action="store_true", help=_FORCE_HELP)
     ls = sub.add_parser("list", help="versions, the current one, and the jobs using each")
-    ls.add_argument("name", nargs="?")
+    ls.add_argument("name", nargs="?",
+                    help="allowlisted path, or its last component (default: all)")
     m = sub.add_parser("rpm", help="write (and build, where rpmbuild exists) an RPM that "
                        "installs VERSION and switches the image to it")
-    m.add_argument("name")
+    m.add_argument("name", help="allowlisted path, or its last component")
     m.add_argument("version", help="a version directory name of this image")
     m.add_argument("--out", default=".", help="where the spec and rpmbuild's tree go")
     m.add_argument("--no-build", action="store_true", help="write the spec only")
     g = sub.add_parser("gc", help="remove old versions no running job uses")
-    g.add_argument("name")
+    g.add_argument("name", help="allowlisted path, or its last component")
     g.add_argument("--keep", type=int, required=True, help="newest versions to keep")
-    g.add_argument("--dry-run", action="store_true")
+    g.add_argument("--dry-run", action="store_true", help="only say what would be removed")
 
 
 def main_image(cfg: Config, args: "Any") -> int:
@@ -585,6 +554,14 @@ def main_image(cfg: Config, args: "Any") -> int:
     ensure_layout(cfg.state_dir)
     cmd = args.image_command
     if cmd == "audit":
+        if args.add_mount_points:
+            try:
+                for made in add_mount_points(cfg, os.path.abspath(args.path)):
+                    print(f"made mount point {made}")
+            except OSError as e:
+                raise UserError(f"can't add mount points to {args.path}: {e.strerror} (a "
+                                "staged version is read-only: deploy a new version, or wait "
+                                "until its jobs have left)") from e
         result = audit(cfg, os.path.abspath(args.path), args.strip_setuid, args.force)
         for problem in result.problems:
             print(f"FAIL {problem}")

@@ -220,3 +220,5 @@ def _cgroup_probe(cfg: Config) -> tuple:
                 cg.remove()
             except PbsChrootError:
                 pass
+        if cg is not None:
+            cgroups.remove_parent_if_empty(cgroups.detect(), cfg.cgroup_parent)

@@ -25,8 +25,8 @@ if TYPE_CHECKING:
 
     from .config import Config
 
-__all__ = ["stage_dir", "bind_set", "join", "join_image", "join_locked", "leave", "leave_all",
-           "sweep", "members", "memberships", "version_of"]
+__all__ = ["stage_dir", "bind_set", "all_binds", "jobs_dir", "join", "join_image",
+           "join_locked", "leave", "leave_all", "sweep", "members", "memberships", "version_of"]
 
 log = get_logger(__name__)
 
@@ -49,6 +49,25 @@ def stage_dir(cfg: Config, version: str) -> str:
     return os.path.join(cfg.state_dir, "stages", name)
 
 
+def jobs_dir(cfg: Config) -> str:
+    """pbs_mom's job directory (the job script is there): in every stage."""
+    return os.path.join(cfg.pbs_home, "mom_priv", "jobs")
+
+
+def all_binds(cfg: Config) -> tuple[BindSpec, ...]:
+    """Every bind a stage of this node may have, whatever an image's identity mode:
+    what `image build`/`deploy` make mount points for."""
+    seen: dict[str, BindSpec] = {}
+    for mode in ("host", "generated", "nscd"):
+        for spec in bind_set(cfg, GENERATED_SDIR, mode):
+            seen.setdefault(spec.target, spec)
+    return tuple(seen.values())
+
+
+# Stands for a stage's own directory in all_binds(): the files there are the stage's.
+GENERATED_SDIR = "/nonexistent/pbs_chroot-stage"
+
+
 def bind_set(cfg: Config, sdir: str = "", mode: str = "host",
              version: str = "") -> tuple[BindSpec, ...]:
     """The config's binds plus Torque's job directory, read-only (the job script is there).
@@ -59,7 +78,7 @@ def bind_set(cfg: Config, sdir: str = "", mode: str = "host",
     the image at ``version`` has them; "nscd": the image keeps its own files and
     gets the host's nscd socket directory; "host": the config's binds as they are.
     """
-    jobs = os.path.join(cfg.pbs_home, "mom_priv", "jobs")
+    jobs = jobs_dir(cfg)
     binds = cfg.binds
     if mode != "host":
         binds = tuple(b for b in binds if b.target not in _ID_FILES)
@@ -146,7 +165,8 @@ def join_locked(cfg: Config, job_ids: Sequence[str], version: str,
     mode = cfg.identity_of(image)
     if mode == "generated":
         identity.prepare(sdir)
-    steps = mounts.plan(version, bind_set(cfg, sdir, mode, version))
+    steps = mounts.with_mount_points(
+        version, mounts.plan(version, bind_set(cfg, sdir, mode, version)), jobs_dir(cfg))
     info = read_json(os.path.join(sdir, "info.json"))
     problem = _problem(info, version, steps)
     if problem and _in_use(sdir, info, version):

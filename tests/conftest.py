@@ -11,6 +11,7 @@ that is root-owned and not group/other-writable all the way up, which /tmp
 made there, and copies of /etc/passwd and /etc/group with the test users are
 bound over the real ones. All of it vanishes with the process.
 """
+import errno
 import os
 import socket
 import subprocess
@@ -22,6 +23,7 @@ import pytest
 
 from pbs_chroot import config
 from tests import fakes
+from tests.captures import SOURCES
 from tests.momemu import EmuJob, MomEmulator
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,7 +38,7 @@ EXTRA_GROUP, EXTRA_GID = "pbsctx", 64124
 
 def pytest_configure(config: pytest.Config) -> None:
     if os.environ.get("CI") == "true" and not FIXTURES.is_dir():
-        # Elsewhere the tests that need them skip; in CI that would hide them.
+        # The captures are the authority in CI; elsewhere the samples stand in (captures.py).
         raise pytest.UsageError(f"Torque fixtures missing: {FIXTURES} (shared/ beside the repo)")
     if IS_ROOT and not os.environ.get("PBS_CHROOT_TEST_ROOT"):
         _enter_test_namespace(_pick_test_root())
@@ -175,6 +177,12 @@ def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
     assert cgroup_children() == [], "cgroups leaked"
 
 
+@pytest.fixture(params=[path for _, path in SOURCES], ids=[name for name, _ in SOURCES])
+def torque_source(request: pytest.FixtureRequest) -> Path:
+    """The Torque 6.1 captures (when beside the repo) and the project's samples (always)."""
+    return Path(request.param)
+
+
 @pytest.fixture(scope="session")
 def image_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A directory holding one real BusyBox image version, built once per session."""
@@ -272,7 +280,24 @@ class Site:
                 f"[image {self.image}]\n{images}\n{binds}{extra}")
         self.config.write_text(text)
         os.chmod(self.config, 0o644)
+        self.add_mount_points(self.version)
         return self.config
+
+    def add_mount_points(self, version: Path) -> None:
+        """As an admin does after changing the bind set (`pbs-chroot image audit VERSION
+        --add-mount-points`; build and deploy do it for new versions): a stage never
+        makes them at job time."""
+        from pbs_chroot import images
+        from pbs_chroot.errors import ConfigError
+        try:
+            images.add_mount_points(config.load(str(self.config)), str(version))
+        except ConfigError:
+            pass  # a test of a refused config
+        except OSError as e:
+            if e.errno != errno.EROFS:
+                raise
+            # Staged (read-only): as for an admin, the new mount points come with the next
+            # version; a test that changes binds under a stage makes them beforehand.
 
     def run(self, user: str, script: str, image: Optional[Path] = None
             ) -> subprocess.CompletedProcess:
@@ -311,9 +336,12 @@ class Node:
         self.site, self.syslog = site, syslog
         self.emu = MomEmulator(site.pbs_home, prologue_alarm=60, hook_env=hook_env)
         site.write_config(main=f"qstat = {self.emu.qstat_path}\njob_info = qstat\n")
+        # The test's syslog socket from the start: a refused config's line must not go to
+        # this machine's /dev/log (rsyslog running or not).
         res = pbs_chroot_cli("--config", str(site.config), "install", "--pbs-home",
                              str(site.pbs_home), "--pbsnodes", str(self.emu.pbsnodes_path),
-                             "--starters", str(starter_dir()))
+                             "--starters", str(starter_dir()),
+                             "--syslog-socket", str(site.base / "log.sock"))
         assert res.returncode == 0, res.stderr
         self.seq = 100
 
