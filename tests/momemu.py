@@ -437,6 +437,9 @@ class RunningJob:
         self._epilogue_rc: Optional[int] = None
         self._epilogue_done = False
         self._result: Optional[EmuResult] = None
+        # A job on several nodes (tests/multinode.py): called once, after the job shell is
+        # reaped and before the epilogue: KILL_JOB to the sisters, whose obits come first.
+        self.before_epilogue: Optional[Callable[["RunningJob"], None]] = None
 
     def prologue_pid(self) -> Optional[int]:
         """The prologue's pid while it runs, else None."""
@@ -461,7 +464,8 @@ class RunningJob:
         """Advance without blocking; the result once the epilogue is done."""
         if self._result is None:
             self._drain()
-            if (self._status is not None or self._reap_job()) and self._step_epilogue():
+            if (self._status is not None or self._reap_job()) and self._sisters_done() \
+                    and self._step_epilogue():
                 self._result = self._finish()
         return self._result
 
@@ -530,6 +534,12 @@ class RunningJob:
             cput, wall = usage.ru_utime + usage.ru_stime, time.monotonic() - self._t0
             self._used = (f"cput={fakes.hms(cput)},vmem=0kb,walltime={fakes.hms(wall)},"
                           f"mem={usage.ru_maxrss}kb,energy_used=0")
+        return True
+
+    def _sisters_done(self) -> bool:
+        hook, self.before_epilogue = self.before_epilogue, None
+        if hook is not None:
+            hook(self)
         return True
 
     def _step_epilogue(self) -> bool:
