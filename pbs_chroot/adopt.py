@@ -154,7 +154,7 @@ class Adopter:
                 log.debug("job %s: can't adopt %d: %s", self.job_id, p, e.detail)
                 continue
             self.adopted.add(p)
-            log.info("job %s: adopted process %d", self.job_id, p)
+            log.debug("job %s: adopted process %d", self.job_id, p)
             todo += children_of(p)
 
     def on_event(self, what: int, data: bytes) -> None:
@@ -182,9 +182,8 @@ class Adopter:
         try:
             _sys.ptrace(_sys.PTRACE_SEIZE, pid, _sys.PTRACE_O_TRACEEXEC)
         except OSError as e:  # gone, or another adopter holds it: the EXEC event will tell
-            log.info("DBG job %s: can't seize %d: %s", self.job_id, pid, e.strerror)
+            log.debug("job %s: can't seize %d: %s", self.job_id, pid, e.strerror)
             return
-        log.info("DBG job %s: seized %d", self.job_id, pid)
         self.traced.add(pid)
 
     def reap_traced(self) -> None:
@@ -201,7 +200,6 @@ class Adopter:
                 self.traced.discard(pid)
                 continue
             sig, event = os.WSTOPSIG(status), status >> 16
-            log.info("DBG job %s: %d stopped sig %d event %d", self.job_id, pid, sig, event)
             if event == _sys.PTRACE_EVENT_EXEC:
                 self._place(pid)
             self._release(pid, sig if event == 0 else 0)

@@ -239,7 +239,7 @@ class _SisterDaemon:
         varlist = fakes.server_variable_list(emujob, ident, mom.server)
         env = fakes.hook_environment(emujob, varlist, str(mom.pbs_home), mom.server)
         env.update(PBS_NODENUM=str(nodeid), **mom.hook_env)
-        self.jobs[emujob.job_id] = {"pid": os.getpid(), "job": emujob, "spec": spec, "tasks": [], "env": env,
+        self.jobs[emujob.job_id] = {"job": emujob, "spec": spec, "tasks": [], "env": env,
                                     "ident": ident, "codes": {}}
         path = str(mom.pbs_home / "mom_priv" / "prologue.parallel")
         refusal = fakes.check_pelog(path)
@@ -251,7 +251,7 @@ class _SisterDaemon:
             rc, mom_rc = self._run_hook(argv, env, ())
         if mom_rc != 0:  # PBSE_SYSTEM to the MS; mom_job_purge()
             self._purge(emujob.job_id)
-        return {"rc": rc, "mom_rc": mom_rc, "pid": os.getpid()}
+        return {"rc": rc, "mom_rc": mom_rc}
 
     def _run_hook(self, argv: list, env: dict, out: tuple) -> tuple:
         hook = _HookRun(_spawn_hook(argv, env, out, cwd=str(self.mom.pbs_home / "mom_priv"),
@@ -265,8 +265,7 @@ class _SisterDaemon:
     def op_spawn(self, job_id: str, argv: list, out: str, tasknum: int) -> dict:
         """IM_SPAWN_TASK -> start_process."""
         if job_id not in self.jobs:
-            raise KeyError(f"{job_id} not among {sorted(self.jobs)} in {os.getpid()} "
-                           f"{self.log}")
+            raise KeyError(f"job {job_id} is not on this node (requests: {self.log})")
         info = self.jobs[job_id]
         pid = start_process(info["spec"], argv, out, tasknum)
         info["tasks"].append(pid)
