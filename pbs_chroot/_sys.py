@@ -17,7 +17,7 @@ __all__ = [
     "MS_RDONLY", "MS_NOSUID", "MS_NODEV", "MS_NOEXEC", "MS_REMOUNT", "MS_BIND",
     "MS_REC", "MS_PRIVATE", "MS_SLAVE", "MS_SHARED", "MNT_DETACH", "UMOUNT_NOFOLLOW",
     "CLONE_NEWNS", "PR_SET_NO_NEW_PRIVS", "PR_GET_NO_NEW_PRIVS",
-    "PTRACE_SEIZE", "PTRACE_DETACH", "PTRACE_O_TRACEEXEC", "PTRACE_EVENT_EXEC",
+    "PTRACE_SEIZE", "PTRACE_DETACH", "PTRACE_INTERRUPT", "PTRACE_O_TRACEEXEC", "PTRACE_EVENT_EXEC",
     "PTRACE_EVENT_STOP", "WALL",
     "mount", "umount2", "prctl", "unshare", "ptrace",
 ]
@@ -43,6 +43,7 @@ PR_GET_NO_NEW_PRIVS = 39
 # <sys/ptrace.h>, <sys/wait.h>
 PTRACE_DETACH = 17
 PTRACE_SEIZE = 0x4206
+PTRACE_INTERRUPT = 0x4207
 PTRACE_O_TRACEEXEC = 0x10
 PTRACE_EVENT_EXEC = 4
 PTRACE_EVENT_STOP = 128
@@ -96,6 +97,6 @@ def unshare(flags: int) -> None:
 
 
 def ptrace(request: int, pid: int, data: int = 0) -> None:
-    """ptrace(2) for the requests that return 0 on success (SEIZE, DETACH)."""
+    """ptrace(2) for the requests that return 0 on success (SEIZE, INTERRUPT, DETACH)."""
     if _libc.ptrace(request, pid, None, ctypes.c_void_p(data)) == -1:
         raise _fail(None)

@@ -31,6 +31,7 @@ and end_job kills it.
 """
 from __future__ import annotations
 
+import errno
 import os
 import select
 import socket
@@ -63,7 +64,6 @@ _NLMSG_HDR = struct.Struct("=IHHII")        # len, type, flags, seq, pid
 _CN_MSG = struct.Struct("=IIIIHH")          # idx, val, seq, ack, len, flags
 _EVENT_HDR = struct.Struct("=IIQ")          # what, cpu, timestamp_ns
 _TICK = 1.0                                 # how often the record is checked
-_STOP_POLL = 0.0005                         # how often seized processes are checked
 
 
 def proc_starttime(pid: int) -> Optional[int]:
@@ -157,6 +157,18 @@ class Adopter:
             log.debug("job %s: adopted process %d", self.job_id, p)
             todo += children_of(p)
 
+    def _adopt_late(self, pid: int) -> None:
+        """A task of this job that exec'd unseized: place it (and what it forked) now."""
+        try:
+            late = pid not in self.cgroup.procs()  # the job shell is there already
+        except CgroupError:
+            late = True
+        self.adopt_tree(pid)
+        if late:
+            log.warning("job %s: TM task %d ran before it could be seized: placed late "
+                        "(what it started and ended meanwhile was not in the job's cgroup)",
+                        self.job_id, pid)
+
     def on_event(self, what: int, data: bytes) -> None:
         """Handle one proc connector event."""
         if what == _PROC_EVENT_FORK:
@@ -169,9 +181,18 @@ class Adopter:
                 self.adopt_tree(child_pid)
         elif what == _PROC_EVENT_EXEC:
             pid, tgid = struct.unpack_from("=II", data)
-            if pid == tgid and pid not in self.adopted and pid not in self.traced \
-                    and _ppid(pid) == self.mom_pid and _job_of(pid) == self.job_id:
-                self.adopt_tree(pid)
+            if pid != tgid or pid in self.adopted:
+                return
+            if pid in self.traced:
+                # A stopped tracee sends this event only once let go: so it exec'd
+                # before the seize took hold, and no exec stop will come.
+                self._place(pid, late=True)
+                try:
+                    _sys.ptrace(_sys.PTRACE_INTERRUPT, pid)  # then reap_traced lets go
+                except OSError:
+                    self.traced.discard(pid)
+            elif _ppid(pid) == self.mom_pid and _job_of(pid) == self.job_id:
+                self._adopt_late(pid)
         elif what == _PROC_EVENT_EXIT:
             pid, tgid = struct.unpack_from("=II", data)
             if pid == tgid:
@@ -181,8 +202,11 @@ class Adopter:
         """Trace pbs_mom's new child until its exec (or any other stop)."""
         try:
             _sys.ptrace(_sys.PTRACE_SEIZE, pid, _sys.PTRACE_O_TRACEEXEC)
-        except OSError as e:  # gone, or another adopter holds it: the EXEC event will tell
-            log.debug("job %s: can't seize %d: %s", self.job_id, pid, e.strerror)
+        except OSError as e:  # EPERM: another adopter holds it
+            if e.errno == errno.ESRCH:
+                log.warning("job %s: pbs_mom's child %d ended before it could be seized: "
+                            "if it was a TM task, it ran outside any job cgroup",
+                            self.job_id, pid)
             return
         self.traced.add(pid)
 
@@ -204,10 +228,10 @@ class Adopter:
                 self._place(pid)
             self._release(pid, sig if event == 0 else 0)
 
-    def _place(self, pid: int) -> None:
+    def _place(self, pid: int, late: bool = False) -> None:
         job_id = _job_of(pid)
         if job_id == self.job_id:
-            self.adopt_tree(pid)
+            self._adopt_late(pid) if late else self.adopt_tree(pid)
         elif job_id is not None:
             cg = self.cgroup_for(job_id)
             if cg is not None:
@@ -225,10 +249,19 @@ class Adopter:
 
     def run(self, sock: socket.socket) -> None:
         """Handle events until the job's record or cgroup is gone."""
+        import signal
+        wake_r, wake_w = os.pipe()  # a tracee's stop sends SIGCHLD to its tracer
+        os.set_blocking(wake_w, False)
+        os.set_blocking(wake_r, False)
+        signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+        signal.set_wakeup_fd(wake_w)
         self.scan()
         while self.alive() and self.cgroup.exists():
-            ready = select.select([sock], [], [], _STOP_POLL if self.traced else _TICK)[0]
-            if ready:
+            ready = select.select([sock, wake_r], [], [], _TICK)[0]
+            if wake_r in ready:
+                while _drain(wake_r):
+                    pass
+            if sock in ready:
                 try:
                     data = sock.recv(1 << 16)
                 except OSError:  # ENOBUFS: events were dropped; look again
@@ -249,6 +282,13 @@ class Adopter:
             what = _EVENT_HDR.unpack_from(data, body)[0]
             self.on_event(what, data[body + _EVENT_HDR.size:off + length])
             off += (length + 3) & ~3
+
+
+def _drain(fd: int) -> bool:
+    try:
+        return bool(os.read(fd, 512))
+    except BlockingIOError:
+        return False
 
 
 def start(job_id: str, mom_pid: int, cgroup: JobCgroup, alive: Callable[[], bool],

@@ -392,12 +392,13 @@ class MultiNodeJob:
         self._spawned += 1
         outs: dict = {}
         spec = TaskSpec(self.job, str(self.ms.pbs_home), self.ms.server, 0, self.cookie)
-        out = str(self.out_dir / f"task{self._spawned}.{self.ms.server}")
+        name = f"{self.job.job_id}.task{self._spawned}"
+        out = str(self.out_dir / f"{name}.{self.ms.server}")
         pid = start_process(spec, argv, out, self._spawned)
         self.ms_tasks.append(pid)
         outs[self.ms.server] = (pid, out)
         for sister in self.joined:
-            out = str(self.out_dir / f"task{self._spawned}.{sister.name}")
+            out = str(self.out_dir / f"{name}.{sister.name}")
             outs[sister.name] = (sister.call("spawn", job_id=self.job.job_id, argv=argv,
                                              out=out, tasknum=self._spawned)["pid"], out)
         self.ms_codes.update(_wait_pids([pid], timeout))
