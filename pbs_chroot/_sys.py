@@ -1,4 +1,4 @@
-"""Raw Linux system calls that the os module lacks: mount, umount2, prctl, unshare.
+"""Raw Linux system calls that the os module lacks: mount, umount2, prctl, unshare, ptrace.
 
 The only module that imports ctypes. Every wrapper raises
 OSError(errno, strerror, path) on failure. Run as root by the hooks, the
@@ -17,7 +17,9 @@ __all__ = [
     "MS_RDONLY", "MS_NOSUID", "MS_NODEV", "MS_NOEXEC", "MS_REMOUNT", "MS_BIND",
     "MS_REC", "MS_PRIVATE", "MS_SLAVE", "MS_SHARED", "MNT_DETACH", "UMOUNT_NOFOLLOW",
     "CLONE_NEWNS", "PR_SET_NO_NEW_PRIVS", "PR_GET_NO_NEW_PRIVS",
-    "mount", "umount2", "prctl", "unshare", "crypt",
+    "PTRACE_SEIZE", "PTRACE_DETACH", "PTRACE_INTERRUPT", "PTRACE_O_TRACEEXEC", "PTRACE_EVENT_EXEC",
+    "PTRACE_EVENT_STOP", "WALL",
+    "mount", "umount2", "prctl", "unshare", "ptrace", "crypt",
 ]
 
 # <sys/mount.h>
@@ -38,6 +40,14 @@ CLONE_NEWNS = 0x00020000
 # <linux/prctl.h>
 PR_SET_NO_NEW_PRIVS = 38
 PR_GET_NO_NEW_PRIVS = 39
+# <sys/ptrace.h>, <sys/wait.h>
+PTRACE_DETACH = 17
+PTRACE_SEIZE = 0x4206
+PTRACE_INTERRUPT = 0x4207
+PTRACE_O_TRACEEXEC = 0x10
+PTRACE_EVENT_EXEC = 4
+PTRACE_EVENT_STOP = 128
+WALL = 0x40000000
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p,
@@ -47,6 +57,8 @@ _libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong,
                         ctypes.c_ulong, ctypes.c_ulong]
 _libc.unshare.argtypes = [ctypes.c_int]
 _libcrypt: Optional[ctypes.CDLL] = None
+_libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+_libc.ptrace.restype = ctypes.c_long
 
 
 def _fail(path: Optional[str]) -> OSError:
@@ -102,3 +114,9 @@ def crypt(key: str, setting: str) -> Optional[str]:
     if not out or out.startswith(b"*"):  # libxcrypt's failure token: "*0" / "*1"
         return None
     return os.fsdecode(out)
+
+
+def ptrace(request: int, pid: int, data: int = 0) -> None:
+    """ptrace(2) for the requests that return 0 on success (SEIZE, INTERRUPT, DETACH)."""
+    if _libc.ptrace(request, pid, None, ctypes.c_void_p(data)) == -1:
+        raise _fail(None)

@@ -67,8 +67,9 @@ def _prologue(cfg: Config, argv: Sequence[str]) -> None:
     if image is None and not cfg.cgroups:
         return
     ensure_layout(cfg.state_dir)
-    version = lifecycle.start_job(cfg, job, image.path if image else None,
-                                  _future_job_process(argv[0]))
+    job_process = _future_job_process(argv[0])
+    version = lifecycle.start_job(cfg, job, image.path if image else None, job_process,
+                                  _task_spawner(argv[0], job_process))
     if image is not None:
         logger.info("job %s (user %s, queue %s) runs in image %s (version %s)",
                     job.job_id, job.user, job.queue, image.path, version)
@@ -132,14 +133,66 @@ def _future_job_process(argv0: str) -> Optional[int]:
     return ppid
 
 
+def _task_spawner(argv0: str, job_process: Optional[int]) -> Optional[int]:
+    """pbs_mom's pid, if this node may run TM tasks of a job on several nodes; else None.
+
+    A sister runs prologue.parallel from the pbs_mom daemon itself
+    (im_join_job_as_sister -> run_prologue_scripts); on the mother superior
+    the prologue's parent is the job child, whose parent is pbs_mom. Either
+    way pbs_mom forks the tasks (start_process), outside the job's process
+    tree (docs/torque-multinode.md).
+    """
+    if argv0.endswith(".parallel"):
+        ppid = os.getppid()
+        return ppid if ppid != 1 else None
+    nodes = os.environ.get("PBS_NUM_NODES", "")
+    if job_process is None or not (nodes.isascii() and nodes.isdigit() and int(nodes) > 1):
+        return None
+    mom = _parent_of(job_process)
+    return mom if mom not in (None, 1) else None
+
+
+def _parent_of(pid: int) -> Optional[int]:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _epilogue(cfg: Config, argv: Sequence[str]) -> None:
     if len(argv) < _EPILOGUE_ARGS + 1:
         raise SiteError(f"epilogue called with {len(argv) - 1} arguments, pbs_mom passes "
                         f"at least {_EPILOGUE_ARGS}")
     job_id = check_job_id(argv[1])
-    acct = lifecycle.end_job(cfg, job_id, argv[10])
+    acct = lifecycle.end_job(cfg, job_id, argv[10], extra=_job_nodes(argv))
     if acct and acct.get("oom_kills"):
         _tell_user(job_id, oom_message(acct))
+
+
+def _job_nodes(argv: Sequence[str]) -> dict[str, object]:
+    """What the accounting line says of the job's other nodes.
+
+    A sister's line says it is one (its own usage, its own node). The mother
+    superior's epilogue runs after every sister's epilogue.parallel has sent
+    its obit (catch_child.c exit_mom_job -> send_job_obit_to_ms), so its
+    RESOURCES_USED is Torque's sum over all nodes; its line names the nodes
+    from $PBS_NODEFILE and keeps that sum.
+    """
+    if argv[0].endswith(".parallel"):
+        return {"sister": True}
+    hosts: list[str] = []
+    try:
+        with open(os.environ.get("PBS_NODEFILE", "") or "/nonexistent") as f:
+            for line in f:
+                host = line.strip()
+                if host and host not in hosts:
+                    hosts.append(host)
+    except OSError:
+        return {}
+    if len(hosts) < 2:
+        return {}
+    return {"nodes": hosts, "torque_resources_used": argv[7][:1000]}
 
 
 def oom_message(acct: dict) -> str:  # type: ignore[type-arg]
