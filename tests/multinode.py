@@ -44,7 +44,6 @@ from .momemu import (JOB_EXEC_RETRY, POLL, EmuJob, MomEmulator, RunningJob, _Hoo
 __all__ = ["TaskSpec", "start_process", "SisterMom", "MultiNodeJob"]
 
 
-
 class TaskSpec:
     """What start_process needs of a job on one node (computed before the fork)."""
 
