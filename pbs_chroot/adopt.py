@@ -112,17 +112,31 @@ def _job_of(pid: int) -> Optional[str]:
     return None
 
 
+def _uid_of(pid: int) -> Optional[int]:
+    """The real uid of ``pid`` (proc(5) status)."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Uid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 class Adopter:
     """The watch of one job on one node: pbs_mom's pid, the job, its cgroup."""
 
     def __init__(self, mom_pid: int, job_id: str, cgroup: JobCgroup,
                  alive: Callable[[], bool],
-                 cgroup_for: Callable[[str], Optional[JobCgroup]]) -> None:
+                 cgroup_for: Callable[[str], Optional[JobCgroup]],
+                 owner: Optional[Callable[[str], Optional[int]]] = None) -> None:
         self.mom_pid = mom_pid
         self.job_id = job_id
         self.cgroup = cgroup
         self.alive = alive            # False once the job's record is gone
         self.cgroup_for = cgroup_for  # another job's cgroup on this node, or None
+        self.owner = owner            # the uid of a job's user (None: unknown)
         self.adopted: set[int] = set()
         self.traced: set[int] = set()
 
@@ -135,10 +149,22 @@ class Adopter:
         sock.send(_NLMSG_HDR.pack(_NLMSG_HDR.size + len(cn), _NLMSG_DONE, 0, 0, 0) + cn)
         return sock
 
+    def _job(self, pid: int) -> Optional[str]:
+        """The job ``pid`` is a task of: its PBS_JOBID, if the process is that job's user's.
+
+        Once a task runs, its environment is its user's to rewrite: a process
+        claiming another user's job is never moved into that job's cgroup.
+        """
+        job_id = _job_of(pid)
+        if job_id is None or self.owner is None:
+            return job_id
+        uid = _uid_of(pid)
+        return job_id if uid is not None and uid == self.owner(job_id) else None
+
     def scan(self) -> None:
         """Adopt the job's tasks that pbs_mom started before (or while events were lost)."""
         for pid in children_of(self.mom_pid):
-            if pid not in self.adopted and _job_of(pid) == self.job_id:
+            if pid not in self.adopted and self._job(pid) == self.job_id:
                 self.adopt_tree(pid)
 
     def adopt_tree(self, pid: int) -> None:
@@ -191,7 +217,7 @@ class Adopter:
                     _sys.ptrace(_sys.PTRACE_INTERRUPT, pid)  # then reap_traced lets go
                 except OSError:
                     self.traced.discard(pid)
-            elif _ppid(pid) == self.mom_pid and _job_of(pid) == self.job_id:
+            elif _ppid(pid) == self.mom_pid and self._job(pid) == self.job_id:
                 self._adopt_late(pid)
         elif what == _PROC_EVENT_EXIT:
             pid, tgid = struct.unpack_from("=II", data)
@@ -229,7 +255,7 @@ class Adopter:
             self._release(pid, sig if event == 0 else 0)
 
     def _place(self, pid: int, late: bool = False) -> None:
-        job_id = _job_of(pid)
+        job_id = self._job(pid)
         if job_id == self.job_id:
             self._adopt_late(pid) if late else self.adopt_tree(pid)
         elif job_id is not None:
@@ -292,7 +318,8 @@ def _drain(fd: int) -> bool:
 
 
 def start(job_id: str, mom_pid: int, cgroup: JobCgroup, alive: Callable[[], bool],
-          cgroup_for: Callable[[str], Optional[JobCgroup]]) -> tuple[int, int]:
+          cgroup_for: Callable[[str], Optional[JobCgroup]],
+          owner: Optional[Callable[[str], Optional[int]]] = None) -> tuple[int, int]:
     """Fork the detached adopter; return its (pid, start time) once it listens.
 
     Returns after the proc connector socket is subscribed, so a task pbs_mom
@@ -308,7 +335,7 @@ def start(job_id: str, mom_pid: int, cgroup: JobCgroup, alive: Callable[[], bool
             os.setsid()
             grandchild = os.fork()
             if grandchild == 0:
-                _adopter_main(Adopter(mom_pid, job_id, cgroup, alive, cgroup_for), w)
+                _adopter_main(Adopter(mom_pid, job_id, cgroup, alive, cgroup_for, owner), w)
             code = 0
         finally:
             os._exit(code)

@@ -109,11 +109,23 @@ def _start_adopter(cfg: Config, job_id: str, mom_pid: int, cg: cgroups.JobCgroup
     from .state import record_path
     path = record_path(cfg.state_dir, job_id)
     pid, starttime = adopt.start(job_id, mom_pid, cg, lambda: os.path.exists(path),
-                                 lambda other: _owned_cgroup(cfg, other))
+                                 lambda other: _owned_cgroup(cfg, other),
+                                 lambda other: _owner_uid(cfg, other))
     undo.callback(adopt.stop, pid, starttime)
     record["adopter"] = {"pid": pid, "start": starttime, "mom": mom_pid}
     save_record(cfg.state_dir, record)
     faults.point("adopter_started")
+
+
+def _owner_uid(cfg: Config, job_id: str) -> Optional[int]:
+    """The uid of the user of ``job_id`` on this node, from its record (None: unknown)."""
+    import pwd
+    from .state import is_job_id
+    try:
+        record = load_record(cfg.state_dir, job_id) if is_job_id(job_id) else None
+        return pwd.getpwnam(record["user"]).pw_uid if record else None
+    except (PbsChrootError, KeyError, TypeError):
+        return None
 
 
 def _owned_cgroup(cfg: Config, job_id: str) -> Optional[cgroups.JobCgroup]:

@@ -105,3 +105,19 @@ def test_a_vanished_process_is_skipped(world: dict) -> None:
     a, mine = _adopter()
     a.adopt_tree(999)  # attach fails: gone meanwhile
     assert mine.attached == [] and 999 not in a.adopted
+
+
+def test_a_task_claiming_another_users_job_is_not_moved(
+        world: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A running task may rewrite its own environment: PBS_JOBID decides only among the jobs
+    of the process's own user."""
+    theirs = FakeCgroup("p/2.vm")
+    mine = FakeCgroup("p/1.vm")
+    owners = {"1.vm": 1000, "2.vm": 2000}
+    a = adopt.Adopter(MOM, "1.vm", mine, lambda: True,  # type: ignore[arg-type]
+                      lambda job: {"2.vm": theirs}.get(job), owners.get)
+    world["procs"].update({7: (MOM, "2.vm", []), 8: (MOM, "1.vm", [])})
+    monkeypatch.setattr(adopt, "_uid_of", lambda pid: 1000)  # both are user 1000's
+    a._place(7, late=True)
+    a._place(8)
+    assert theirs.attached == [] and mine.attached == [8]
