@@ -91,17 +91,7 @@ def install(job_starter: str, prebuilt: Optional[str] = None, login_shell: bool 
                 os.chmod(dst, mode)  # already in place (an RPM installed them there)
                 continue
             with open(src, "rb") as f:
-                data = f.read()
-            tmp_dst = f"{dst}.new.{os.getpid()}"
-            fd = os.open(tmp_dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
-            try:
-                os.fchown(fd, 0, 0)
-                os.fchmod(fd, mode)
-                os.write(fd, data)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp_dst, dst)
+                _write(dst, f.read(), mode)
 
 
 def read_mom_config(pbs_home: str) -> Optional[list[str]]:
@@ -177,12 +167,15 @@ def set_mom_config(pbs_home: str, job_starter: str, force: bool = False) -> bool
 
 
 def _write(path: str, data: bytes, mode: int) -> None:
+    """``data`` into ``path``, root's with ``mode``, on disk before it takes the name."""
     tmp = f"{path}.new.{os.getpid()}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
     try:
         os.fchown(fd, 0, 0)
         os.fchmod(fd, mode)
-        os.write(fd, data)
+        while data:
+            data = data[os.write(fd, data):]
+        os.fsync(fd)
     finally:
         os.close(fd)
     os.replace(tmp, path)
