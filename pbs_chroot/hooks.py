@@ -58,7 +58,9 @@ def _prologue(cfg: Config, argv: Sequence[str]) -> None:
     try:
         image = gate.check_request(variables.entries, jobinfo.lossy_names(variables.raw), cfg,
                                    job.user, job.queue)
-        if image is not None:
+        if image is not None and not argv[0].endswith(".parallel"):
+            # The job's shell runs on the mother superior only; and a sister's
+            # prologue.parallel holds up pbs_mom's main loop while it runs.
             _check_shell(cfg, image, variables.shell, job.user)
     except UserError as e:
         if not argv[0].endswith(".parallel"):  # once, from the mother superior

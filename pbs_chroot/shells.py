@@ -22,7 +22,8 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Iterable, Optional
 
-__all__ = ["shell_problem", "shell_problem_as_user", "pick_shell", "refusal", "SHELL_HINT"]
+__all__ = ["shell_problem", "shell_problem_as_user", "pick_shell", "refusal", "SHELL_HINT",
+           "kill_and_leave"]
 
 _MAX_LINKS = 40  # the kernel's limit on symlinks in one lookup (path_resolution(7))
 _O_PATH = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -47,6 +48,22 @@ def pick_shell(shell_path_list: str, node: str) -> str:
     return plain
 
 
+def _plain(path: str) -> str:
+    """``path`` with "//" and "." collapsed, as a lookup sees it; '' if it has ".." (not
+    judged: "/home/../bin/sh" must not pass for a path below /home, nor the reverse)."""
+    parts = [p for p in path.split("/") if p not in ("", ".")]
+    return "" if ".." in parts else "/" + "/".join(parts)
+
+
+def _below(path: str, targets: Iterable[str]) -> bool:
+    """Whether ``path`` is at or below one of the stage's mount points (the host's there)."""
+    for target in targets:
+        t = _plain(target).rstrip("/")
+        if path == t or path.startswith(t + "/"):
+            return True
+    return False
+
+
 def shell_problem(root: str, shell: str, skip: Iterable[str] = ()) -> str:
     """Why ``shell`` would not run in the image at ``root`` ('' if it would, or can't be told).
 
@@ -56,9 +73,9 @@ def shell_problem(root: str, shell: str, skip: Iterable[str] = ()) -> str:
     """
     if not shell.startswith("/"):
         return "is not an absolute path"
-    for target in skip:
-        if shell == target or shell.startswith(target.rstrip("/") + "/"):
-            return ""
+    shell = _plain(shell)
+    if not shell or _below(shell, skip):
+        return ""
     root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         fd = _resolve(root_fd, shell)
@@ -131,9 +148,9 @@ def shell_problem_as_user(root: str, shell: str, uid: int, gid: int, groups: lis
     Returns '' when the shell would run, or when the check itself could not be made."""
     if not shell.startswith("/"):
         return "is not an absolute path"
-    for target in skip:
-        if shell == target or shell.startswith(target.rstrip("/") + "/"):
-            return ""
+    shell = _plain(shell)
+    if not shell or _below(shell, skip):
+        return ""
     pid = os.fork()
     if pid == 0:
         code = 4
@@ -173,11 +190,31 @@ def _wait(pid: int) -> int:
         if done:
             return os.WEXITSTATUS(status) if os.WIFEXITED(status) else 4
         if time.monotonic() >= deadline:
-            import _signal  # type: ignore[import-not-found]  # the signal module imports enum
-            os.kill(pid, _signal.SIGKILL)
-            os.waitpid(pid, 0)
+            kill_and_leave(pid)
             return 4
         time.sleep(0.001)
+
+
+def kill_and_leave(pid: int, grace: float = 0.5) -> None:
+    """SIGKILL a child and reap it if it dies within ``grace``; else leave it (never block).
+
+    A child stuck in the kernel (a FUSE file system that never answers, a hung
+    NFS server) does not die of SIGKILL: waiting for it would hold the hook
+    until $prologalarm, and on a sister pbs_mom's whole main loop with it.
+    Left, it is reparented to init when the hook exits.
+    """
+    import time
+
+    import _signal  # type: ignore[import-not-found]  # the signal module imports enum
+    try:
+        os.kill(pid, _signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    end = time.monotonic() + grace
+    while time.monotonic() < end:
+        if os.waitpid(pid, os.WNOHANG)[0]:
+            return
+        time.sleep(0.005)
 
 
 def refusal(image: str, shell: str, problem: str, has_hint: bool) -> str:

@@ -141,8 +141,7 @@ def _wait(pid: int) -> Optional[int]:
         if done:
             return os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
         if time.monotonic() >= deadline:
-            import _signal  # type: ignore[import-not-found]  # the signal module imports enum
-            os.kill(pid, _signal.SIGKILL)
-            os.waitpid(pid, 0)
+            from .shells import kill_and_leave
+            kill_and_leave(pid)  # never blocks: a child stuck on a FUSE mount won't die
             return None
         time.sleep(0.002)
