@@ -318,9 +318,13 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--python", default=sys.executable,
                    help="interpreter the hooks run with (default: this one)")
     i.add_argument("--force", action="store_true", help="replace foreign hook scripts")
-    r = sub.add_parser("run", help="run a command in an image as a job would run")
-    r.add_argument("--image", required=True, help="the allowlisted path, as users write it")
-    r.add_argument("--user", help="job user (default: $SUDO_USER, else nobody)")
+    r = sub.add_parser("run", help="run a command in an image as a job would run (without "
+                       "root: through a user namespace)")
+    where = r.add_mutually_exclusive_group(required=True)
+    where.add_argument("--image", help="the allowlisted path, as users write it")
+    where.add_argument("--dir", help="without root only: a directory tree of your own")
+    r.add_argument("--user", help="job user (default: $SUDO_USER, else nobody; without "
+                   "root: yourself)")
     r.add_argument("cmd", nargs="+", help="the command (after --)")
     sub.add_parser("check", help="validate the config and the images")
     c = sub.add_parser("cleanup", help="finish or undo what jobs no longer on this node left "
@@ -342,8 +346,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
     log.setup("pbs-chroot")
     try:
+        if os.geteuid() != 0 and args.command == "run":  # unprivileged mode (userns.py)
+            from . import userns
+            return userns.run(args.config, args.image, args.dir, args.user, args.cmd)
         if os.geteuid() != 0:
             raise UserError("must be run as root")
+        if args.command == "run" and args.dir is not None:
+            raise UserError("run --dir is for users without root (a user namespace); as "
+                            "root, use an allowlisted --image")
         if args.command == "install":
             print(install(args.pbs_home, os.path.abspath(args.config), args.pbsnodes,
                           args.python, args.force), end="")
