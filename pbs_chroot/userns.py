@@ -160,6 +160,8 @@ def _child(plan: StagePlan, pw: object, cmd: Sequence[str]) -> NoReturn:
         from . import userns_stage
         userns_stage.build(plan)
         drop_capabilities()
+        # Not dumpable: the job (same uid) can't ptrace its init or read /proc/1/root, cwd.
+        _sys.prctl(_sys.PR_SET_DUMPABLE, 0)
         _close_fds()
         job = os.fork()
         if job == 0:
