@@ -87,7 +87,7 @@ class Config(Record):
                  "job_info_timeout", "lock_timeout", "offline_node", "node_name", "keep_stage",
                  "syslog_socket", "cgroups", "cgroup_parent", "torque_cgroup_parent",
                  "memory_policy", "memory_cap", "limit_swap", "pids_max", "kill_timeout",
-                 "accounting_log", "identity", "tmpdir", "user_dirs")
+                 "accounting_log", "identity", "tmpdir", "user_dirs", "entry_dir")
 
     def __init__(self, path: str, images: tuple[Image, ...], binds: tuple[BindSpec, ...],
                  state_dir: str = "/var/lib/pbs_chroot", pbs_home: str = "/var/spool/torque",
@@ -101,7 +101,7 @@ class Config(Record):
                  kill_timeout: float = 30.0,
                  accounting_log: str = "/var/log/pbs_chroot/accounting.jsonl",
                  identity: str = "generated", tmpdir: str = "",
-                 user_dirs: tuple[str, ...] = ()) -> None:
+                 user_dirs: tuple[str, ...] = (), entry_dir: str = "") -> None:
         self.path = path
         self.images = images
         self.binds = binds
@@ -127,6 +127,7 @@ class Config(Record):
         self.identity = identity  # how users are known inside images (identity.py)
         self.tmpdir = tmpdir  # pbs_mom's $tmpdir: the base of each job's $TMPDIR ('' = none)
         self.user_dirs = user_dirs  # work directories like a home ("%u": the user's name)
+        self.entry_dir = entry_dir  # where users' jobs enter stages without root ('' = off)
 
     def image(self, path: str) -> Optional[Image]:
         """The allowlisted image whose path equals ``path`` as text, or None."""
@@ -252,7 +253,7 @@ _FIELDS = {
     "cgroup_parent": "cgroupname", "torque_cgroup_parent": "cgroupname",
     "memory_policy": "policy", "memory_cap": "size", "limit_swap": "bool", "pids_max": "count",
     "kill_timeout": "seconds", "accounting_log": "abspath", "identity": "identity",
-    "tmpdir": "abspath", "user_dirs": "userdirs",
+    "tmpdir": "abspath", "user_dirs": "userdirs", "entry_dir": "abspath",
 }
 _IDENTITY_MODES = ("generated", "host", "nscd")
 _SPECIAL_SOURCES = ("proc", "tmpfs")

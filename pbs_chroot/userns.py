@@ -25,9 +25,10 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import NoReturn, Optional, Sequence
 
+    from .config import Config
     from .userns_stage import StagePlan
 
-__all__ = ["SYSCTLS", "userns_problem", "run", "drop_capabilities"]
+__all__ = ["SYSCTLS", "userns_problem", "run", "enter", "drop_capabilities"]
 
 SETUP_FAILED = 125
 PATH = "/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin"
@@ -66,7 +67,11 @@ def run(cfg_path: str, image: Optional[str], tree: Optional[str], user: Optional
     if user and user != pw.pw_name:
         raise UserError(f"can't run as {user}: without root, only as yourself ({pw.pw_name})")
     plan = _plan(cfg_path, image, tree, pw.pw_name)
-    status = _enter(plan, pw, cmd)
+    env = {"HOME": pw.pw_dir, "USER": pw.pw_name, "LOGNAME": pw.pw_name, "PATH": PATH,
+           "SHELL": pw.pw_shell}
+    if not plan.prepared:
+        env["TMPDIR"] = "/tmp"  # a tmpfs of this run's own
+    status = enter(plan, env, [pw.pw_dir], cmd)
     where = image if image is not None else tree
     print(f"pbs-chroot: {where} as {pw.pw_name} (user namespace) exited with status {status}",
           file=sys.stderr)
@@ -82,29 +87,33 @@ def _plan(cfg_path: str, image: Optional[str], tree: Optional[str], user: str) -
         mode = cfg.identity
     else:
         assert image is not None
-        root = _image_version(cfg, image, user)
+        root, prepared = _image_root(cfg, image, user)
         mode = cfg.identity_of(image)
     fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    return StagePlan(root, fd, cfg, mode, user, tree is not None)
+    return StagePlan(root, fd, cfg, mode, user, tree is not None, prepared)
 
 
-def _image_version(cfg: object, image: str, user: str) -> str:
-    """The version ``image`` points to, through the gate and the root mode's own checks."""
-    from . import gate
+def _image_root(cfg: Config, image: str, user: str) -> tuple[str, bool]:
+    """Where to enter ``image``, through the gate: the stage a root hook prepared for a job
+    of ours (True), else its version, checked as root mode checks it (False)."""
+    from . import entry, gate
     from .errors import UnsafePathError
     from .paths import check_version_private, resolve_admin_path
-    allowed = gate.check_value(image, cfg, user, "local")  # type: ignore[arg-type]
+    allowed = gate.check_value(image, cfg, user, "local")
+    found = entry.find_for_image(cfg.entry_dir, allowed.path, user) if cfg.entry_dir else None
+    if found is not None:
+        return found.root, True
     try:
         version = resolve_admin_path(allowed.path)
     except UnsafePathError as e:
         if isinstance(e.__cause__, PermissionError):
             raise UserError(f"can't use image {image}: its versions are root's only on this "
-                            "node; the site can publish it read-only and nosuid (as CVMFS "
-                            "does) for use without root, or run it through the batch "
-                            "system") from None
+                            "node and no job of yours here has it staged; the site can "
+                            "publish it read-only and nosuid (as CVMFS does) for use without "
+                            "root, or run it through the batch system") from None
         raise
     check_version_private(version)  # reachable by users: only if read-only and nosuid
-    return version
+    return version, False
 
 
 def _own_tree(tree: str) -> str:
@@ -121,7 +130,10 @@ def _own_tree(tree: str) -> str:
     return path
 
 
-def _enter(plan: StagePlan, pw: object, cmd: Sequence[str]) -> int:
+def enter(plan: StagePlan, env: dict[str, str], cwds: Sequence[str],
+          cmd: Sequence[str]) -> int:
+    """Build ``plan`` in new namespaces and run ``cmd`` there (in the first of ``cwds`` that
+    exists, else /); return its exit status (128+N: killed by signal N)."""
     uid, gid = os.getuid(), os.getgid()
     try:
         _sys.unshare(_sys.CLONE_NEWUSER | _sys.CLONE_NEWNS | _sys.CLONE_NEWPID)
@@ -139,7 +151,7 @@ def _enter(plan: StagePlan, pw: object, cmd: Sequence[str]) -> int:
         raise PrivilegeError(f"can't map your ids into the user namespace: {e}") from e
     pid = os.fork()
     if pid == 0:
-        _child(plan, pw, cmd)
+        _child(plan, env, cwds, cmd)
     os.close(plan.root_fd)
     return _wait_forwarding(pid)
 
@@ -153,7 +165,8 @@ def _hint(err: Optional[int]) -> str:
     return ""
 
 
-def _child(plan: StagePlan, pw: object, cmd: Sequence[str]) -> NoReturn:
+def _child(plan: StagePlan, env: dict[str, str], cwds: Sequence[str],
+           cmd: Sequence[str]) -> NoReturn:
     """PID 1 of the new PID namespace: build the stage, drop everything, run the command."""
     try:
         os.setsid()  # no controlling terminal for the job: no TIOCSTI into the caller's shell
@@ -165,7 +178,7 @@ def _child(plan: StagePlan, pw: object, cmd: Sequence[str]) -> NoReturn:
         _close_fds()
         job = os.fork()
         if job == 0:
-            _exec_job(plan, pw, cmd)
+            _exec_job(env, cwds, cmd)
     except PbsChrootError as e:
         _die(e.detail)
     except OSError as e:
@@ -200,15 +213,14 @@ def _close_fds() -> None:
                 continue  # the listing's own descriptor
 
 
-def _exec_job(plan: StagePlan, pw: object, argv: Sequence[str]) -> NoReturn:
+def _exec_job(env: dict[str, str], cwds: Sequence[str], argv: Sequence[str]) -> NoReturn:
     import errno
-    home = getattr(pw, "pw_dir")
-    env = {"HOME": home, "USER": plan.user, "LOGNAME": plan.user, "PATH": PATH,
-           "SHELL": getattr(pw, "pw_shell"), "TMPDIR": "/tmp"}
-    try:
-        os.chdir(home)
-    except OSError:
-        os.chdir("/")
+    for cwd in list(cwds) + ["/"]:
+        try:
+            os.chdir(cwd)
+            break
+        except OSError:
+            continue
     for sig in range(1, signal.NSIG):
         if sig not in (signal.SIGKILL, signal.SIGSTOP):
             try:

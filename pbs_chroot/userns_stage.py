@@ -41,16 +41,17 @@ class StagePlan(Record):
     config and identity mode for its binds, the user, and whether the tree is the user's
     own (--dir: stays writable, may get missing mount points)."""
 
-    __slots__ = ("root", "root_fd", "cfg", "mode", "user", "own_tree")
+    __slots__ = ("root", "root_fd", "cfg", "mode", "user", "own_tree", "prepared")
 
     def __init__(self, root: str, root_fd: int, cfg: Config, mode: str, user: str,
-                 own_tree: bool) -> None:
+                 own_tree: bool, prepared: bool = False) -> None:
         self.root = root
         self.root_fd = root_fd
         self.cfg = cfg
         self.mode = mode
         self.user = user
         self.own_tree = own_tree
+        self.prepared = prepared  # a stage root set up (entry.py): only a fresh /proc
 
 
 def binds_for(cfg: Config, mode: str, id_fds: Optional[dict[str, int]]) -> tuple[BindSpec, ...]:
@@ -125,13 +126,19 @@ def build(plan: StagePlan) -> None:
         was, now = os.fstat(plan.root_fd), os.fstat(root_fd)
         if (was.st_dev, was.st_ino) != (now.st_dev, now.st_ino):
             raise MountError(f"{plan.root} changed while it was being staged")
-        id_fds = identity_files(root_fd, plan) if plan.mode == "generated" else None
-        for step in mounts.plan(plan.root, binds_for(plan.cfg, plan.mode, id_fds)):
+        id_fds = None
+        if plan.prepared:  # root made it (its flags are locked): our PID namespace's /proc
+            binds: tuple[BindSpec, ...] = (BindSpec(target="/proc", source="proc"),)
+        else:
+            id_fds = identity_files(root_fd, plan) if plan.mode == "generated" else None
+            binds = binds_for(plan.cfg, plan.mode, id_fds)
+        for step in mounts.plan(plan.root, binds):
             _mount_step(root_fd, plan, step)
     finally:
         os.close(root_fd)
-    _remount(plan.root, _sys.MS_NOSUID | _sys.MS_NODEV
-             | (0 if plan.own_tree else _sys.MS_RDONLY))
+    if not plan.prepared:
+        _remount(plan.root, _sys.MS_NOSUID | _sys.MS_NODEV
+                 | (0 if plan.own_tree else _sys.MS_RDONLY))
     # pivot_root(".", "."): the old root ends up stacked on the new one, and the
     # detach takes it, and every host mount below it, out of reach (pivot_root(2)).
     os.chdir(plan.root)
