@@ -83,7 +83,7 @@ def _plan(cfg_path: str, image: Optional[str], tree: Optional[str], user: str) -
     from .userns_stage import StagePlan
     cfg = config_mod.load(cfg_path)
     if tree is not None:
-        root = _own_tree(tree)
+        root, prepared = _own_tree(tree), False
         mode = cfg.identity
     else:
         assert image is not None
