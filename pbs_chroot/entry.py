@@ -26,7 +26,7 @@ from .log import get_logger
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Optional
+    from typing import Optional, Sequence
 
     from .config import Config
 
@@ -80,8 +80,9 @@ def publish(cfg: Config, sdir: str, version: str) -> None:
     log.info("stage %s published at %s", version, root)
 
 
-def refresh(cfg: Config, sdir: str, image: str = "") -> None:
-    """Records for the stage's jobs, and the ACL letting exactly their users in."""
+def refresh(cfg: Config, sdir: str, image: str = "", new_jobs: Sequence[str] = ()) -> None:
+    """Records for ``new_jobs`` (just joined, of ``image``), and the ACL letting exactly the
+    users of the stage's jobs in."""
     edir = path_of(cfg, sdir)
     if not edir or not os.path.isdir(edir):
         return
@@ -95,15 +96,20 @@ def refresh(cfg: Config, sdir: str, image: str = "") -> None:
             uids.add(pwd.getpwnam(user).pw_uid)
         except KeyError:
             continue  # unknown here (or no user recorded): no way in
-        _write_record(cfg, job_id, f"{os.path.basename(sdir)}\n{user}\n{image}\n")
+        if job_id in new_jobs:
+            _write_record(cfg, job_id, f"{os.path.basename(sdir)}\n{user}\n{image}\n")
     _set_acl(edir, sorted(uids - {0}))
 
 
-def forget(cfg: Config, job_id: str) -> None:
-    """Remove a job's record (it left its stage)."""
-    if cfg.entry_dir:
+def forget(cfg: Config, job_id: str, sdir: str) -> None:
+    """Remove a job's record if it names this stage (the job left it)."""
+    if not cfg.entry_dir:
+        return
+    path = os.path.join(cfg.entry_dir, "jobs", job_id)
+    rec = lookup(cfg.entry_dir, job_id)
+    if rec is not None and os.path.dirname(rec.root) == path_of(cfg, sdir):
         try:
-            os.unlink(os.path.join(cfg.entry_dir, "jobs", job_id))
+            os.unlink(path)
         except FileNotFoundError:
             pass
 

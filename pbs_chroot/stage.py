@@ -128,7 +128,7 @@ def join_locked(cfg: Config, job_ids: Sequence[str], version: str,
         _touch(os.path.join(sdir, "members", job_id), user)
         log.info("job %s joined stage %s", job_id, version)
     identity.refresh(sdir)
-    entry.refresh(cfg, sdir, image)  # its users may enter it without root (entry.py)
+    entry.refresh(cfg, sdir, image, job_ids)  # its users may enter it without root
     for user in sorted(set(users) - {""}):
         # Homes and work directories that are links on the host (homes.py).
         for path in [_home_of(user)] + [d.replace("%u", user) for d in cfg.user_dirs]:
@@ -185,7 +185,7 @@ def _leave_locked(cfg: Config, job_id: str, sdir: str) -> bool:
         pass
     except OSError as e:
         raise StateError(f"can't remove member {job_id} of {sdir}: {e.strerror}") from e
-    entry.forget(cfg, job_id)
+    entry.forget(cfg, job_id, sdir)
     faults.point("stage:member_removed")
     left = members(sdir)
     info = read_json(os.path.join(sdir, "info.json"))

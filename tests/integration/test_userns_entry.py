@@ -146,6 +146,11 @@ def test_run_enters_the_stage_of_a_job_of_the_user(user_python: tuple,  # noqa: 
     """Versions are root's only (0700): `run --image` as pbsct goes through its job's stage."""
     shim = Shim(user_python, entry_site, "sleep 30")
     try:
+        # A second job of the user in the same stage, gone again: the first one's record stays.
+        lifecycle.start_job(shim.cfg, lifecycle.Job("778.vm", USER, USER, "batch", ""),
+                            str(entry_site.image), None)
+        lifecycle.end_job(shim.cfg, "778.vm", "0")
+        assert os.listdir(entry_site.base / "entry" / "jobs") == [JOB]
         res = as_user(user_python, "--config", str(entry_site.config), "run", "--image",
                       str(entry_site.image), "--", "/bin/sh", "-c",
                       "head -1 /etc/os-release; id -un; touch /tmp/x || echo tmp-ro")
