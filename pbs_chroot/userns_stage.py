@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import stat
 
-from . import _sys, identity, mounts, stage
+from . import _sys, mounts
 from .config import BindSpec
 from .errors import MountError, UnsafePathError
 from .paths import open_in_root
@@ -61,6 +61,7 @@ def binds_for(cfg: Config, mode: str, id_fds: Optional[dict[str, int]]) -> tuple
     generated passwd/group come from ``id_fds`` (files of our own, by fd), and
     /tmp is a tmpfs of this run's own unless the config binds one.
     """
+    from . import stage  # (not for a root-prepared stage: the shim's path stays lean)
     binds = stage.bind_set(cfg, "/nonexistent", mode if id_fds is not None or mode != "generated"
                            else "host")
     out = []
@@ -98,6 +99,7 @@ def identity_files(root_fd: int, plan: StagePlan) -> dict[str, int]:
     finally:
         os.close(tfd)
     sdir = os.path.join(plan.root, "tmp", ".pbs_chroot-id")
+    from . import identity
     identity.prepare(sdir)
     identity.snapshot_image(plan.root, sdir)
     with open(os.path.join(sdir, "members", "local"), "w", encoding="utf-8") as f:
