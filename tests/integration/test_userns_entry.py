@@ -17,7 +17,8 @@ import pytest
 
 from pbs_chroot import config, lifecycle
 from pbs_chroot.state import ensure_layout
-from tests.conftest import (EXTRA_GID, GID, OTHER_UID, UID, USER, Site, mount_points)
+from tests.conftest import (CG_PARENT, EXTRA_GID, GID, OTHER_UID, UID, USER, Site,
+                            mount_points)
 from tests.integration.test_userns import as_user, user_python  # noqa: F401
 
 pytestmark = [pytest.mark.root,
@@ -27,8 +28,27 @@ pytestmark = [pytest.mark.root,
 JOB = "777.vm"
 
 
+@pytest.fixture(scope="module")
+def v2_delegated() -> Iterator[None]:
+    """On a cgroup v2 (run-in-cgroup-v2.sh), the root's controllers enabled for our parent as
+    systemd's Delegate= would (as test_cgroups_v2_real does), and disabled again after."""
+    top = Path("/sys/fs/cgroup/cgroup.subtree_control")
+    enabled = []
+    if top.exists():
+        enabled = [c for c in ("memory", "cpu", "pids") if c not in top.read_text().split()]
+        if enabled:
+            top.write_text(" ".join("+" + c for c in enabled))
+    yield
+    if enabled:
+        try:
+            os.rmdir(top.parent / CG_PARENT)  # empty by now (the per-test leak check)
+            top.write_text(" ".join("-" + c for c in enabled))
+        except OSError:
+            pass  # still used by a cgroup made elsewhere: left enabled (a throw-away guest)
+
+
 @pytest.fixture
-def entry_site(site: Site) -> Iterator[Site]:
+def entry_site(site: Site, v2_delegated: None) -> Iterator[Site]:
     site.write_config(main=f"entry_dir = {site.base / 'entry'}\n")
     yield site
 
