@@ -17,7 +17,7 @@ import pytest
 
 from pbs_chroot import _sys
 from tests.conftest import (EXTRA_GID, GID, REPO, UID, USER, Site, home_of, mount_points,
-                            tmpfs_root)
+                            pbs_chroot_cli, tmpfs_root)
 
 pytestmark = [pytest.mark.root,
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root: to make a user, "
@@ -151,6 +151,9 @@ def test_own_tree_with_dir(user_python: tuple[str, Path], published: Site) -> No
         # Someone else's tree is refused; so is --dir as root.
         res = run_in(user_python, published, "true", "--dir", str(published.version))
         assert res.returncode == 2 and "not a directory of yours" in res.stderr
+        res = pbs_chroot_cli("--config", str(published.config), "run", "--dir", str(tree),
+                             "--", "/bin/true", check=False)
+        assert res.returncode == 2 and "run --dir is for users without root" in res.stderr
     finally:
         shutil.rmtree(tree)
 
