@@ -144,6 +144,9 @@ def _child(plan: dict) -> dict:
         _say(f"hook cost: 3 cases x {n} jobs")
         res["hooks"] = sections.hook_cost(mom, node, ids, n, warm)
         res["job_info"] = sections.job_info(mom, node, ids, max(n, 20))
+        _say("submit filter, as qsub runs it")
+        from . import submitfilter
+        res["submit_filter"] = submitfilter.measure(max(n // 2, 20))
         _say("floor and naive baseline")
         res["reference"]["floor"] = sections.floor(node, 20, 0.15)
         res["reference"]["naive"] = sections.naive(mom, node, ids, n, warm)

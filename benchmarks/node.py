@@ -141,6 +141,7 @@ class Node:
         self.home = (Path("/home") if self.home_on_home else root / "home") / USER
         self.tmp = root / "tmp"
         self.bin = root / "bin"
+        self.job_starter = root / "libexec" / "job_starter"  # `install` builds it there
         self.images = root / "images" / "bench"
         self.version = self.images / "v1"
         self.image = root / "chroot" / "bench"       # what users write in PBS_O_ROOTDIR
@@ -193,6 +194,10 @@ class Node:
         os.chmod(self.images, 0o700)  # raw versions are root's only
         subprocess.run([str(REPO / "examples" / "build-busybox-image"), str(self.version)],
                        check=True, stdout=subprocess.DEVNULL)
+        # The job starter's mount point, as `pbs-chroot image build` makes it.
+        point = self.version / str(self.job_starter).lstrip("/")
+        point.parent.mkdir(parents=True, exist_ok=True)
+        point.touch()
         self.image.symlink_to(self.version)
 
     def _torque_dirs(self) -> None:
@@ -225,7 +230,8 @@ class Node:
         self.config.write_text(
             f"[pbs_chroot]\nstate_dir = {self.state}\npbs_home = {self.pbs_home}\n"
             f"job_info = qstat\nqstat = {self.qstat}\nsyslog_socket = {self.root}/log.sock\n"
-            f"cgroup_parent = {self.cg_parent}\naccounting_log = {self.accounting}\n{main}\n"
+            f"cgroup_parent = {self.cg_parent}\naccounting_log = {self.accounting}\n"
+            f"job_starter = {self.job_starter}\n{main}\n"
             f"[image {self.image}]\n\n{binds}")
         os.chmod(self.config, 0o644)
 

@@ -60,6 +60,14 @@ def budgets(res: dict) -> list:
                           sc["mount_lines_peak"] <= limit,
                           f"peak {sc['mount_lines_peak']} vs {sc['mount_lines_before']} + "
                           f"{sc['stage_mounts']} = {limit}"))
+    sf = res.get("submit_filter")
+    if sf:
+        bare = sf["python -IS -c pass"]["median"]
+        worst = max(s["median"] for k, s in sf.items() if not k.startswith("python"))
+        limit = round(bare + 10.0, 3)
+        out.append(_check("submit filter median <= python -IS start-up + 10 ms", worst, limit,
+                          worst <= limit, f"{worst:.1f} ms (slowest case) vs {limit:.1f} ms "
+                          f"({bare:.1f} + 10)"))
     imp = res.get("imports", {})
     if imp:
         heavy = [m for m in ("psutil",) if m in imp.get("warm_modules", [])]
@@ -124,6 +132,9 @@ def table(res: dict) -> str:
     out.append(_row("job info: one qstat call (stub, in-process)", src["qstat_stub"]))
     out.append(f"  {'job info: real qstat':<44} {src['qstat_real']}\n")
     out.append(f"  {'job info: pbs_python':<44} {src['pbs_python']}\n")
+    for case, s in res.get("submit_filter", {}).items():
+        if not case.startswith("python"):
+            out.append(_row(f"submit filter (qsub waits): {case}", s))
     out.append("2. Reference points (same run)\n")
     out.append(_row("python -S -c pass", ref["startup_S"]))
     out.append(_row("python -IS -c pass (the hooks' flags)", ref["startup_IS"]))
@@ -229,6 +240,8 @@ def markdown(res: dict) -> str:
             ("`python -IS -c pass`", ref["startup_IS"]),
             ("floor, cold set-up (one process)", ref["floor"]["cold_setup"]),
             ("floor, cold teardown (one process)", ref["floor"]["cold_teardown"])]
+    rows += [(f"submit filter, {case}", s) for case, s in res.get("submit_filter", {}).items()
+             if not case.startswith("python")]
     nv = ref.get("naive") or {}
     if nv.get("prologue"):
         rows += [("naive shell prologue (cold, mount(8))", nv["prologue"]),

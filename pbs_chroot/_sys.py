@@ -1,4 +1,4 @@
-"""Raw Linux system calls that the os module lacks: mount, umount2, prctl, unshare,
+"""Raw Linux system calls that the os module lacks: mount, umount2, prctl, unshare, ptrace,
 pivot_root, capset.
 
 The only module that imports ctypes. Every wrapper raises
@@ -22,7 +22,9 @@ __all__ = [
     "PR_GET_NO_NEW_PRIVS", "PR_CAPBSET_DROP", "PR_SET_DUMPABLE", "PR_CAP_AMBIENT",
     "PR_CAP_AMBIENT_CLEAR_ALL",
     "MS_NOATIME", "MS_NODIRATIME", "MS_RELATIME", "MS_STRICTATIME",
-    "mount", "umount2", "prctl", "unshare", "pivot_root", "capset_clear",
+    "PTRACE_SEIZE", "PTRACE_DETACH", "PTRACE_INTERRUPT", "PTRACE_O_TRACEEXEC",
+    "PTRACE_EVENT_EXEC", "PTRACE_EVENT_STOP", "WALL",
+    "mount", "umount2", "prctl", "unshare", "ptrace", "crypt", "pivot_root", "capset_clear",
 ]
 
 # <sys/mount.h>
@@ -57,6 +59,14 @@ PR_CAP_AMBIENT_CLEAR_ALL = 4
 _SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "ppc64le": 203, "s390x": 217,
                    "riscv64": 41}
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
+# <sys/ptrace.h>, <sys/wait.h>
+PTRACE_DETACH = 17
+PTRACE_SEIZE = 0x4206
+PTRACE_INTERRUPT = 0x4207
+PTRACE_O_TRACEEXEC = 0x10
+PTRACE_EVENT_EXEC = 4
+PTRACE_EVENT_STOP = 128
+WALL = 0x40000000
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p,
@@ -66,6 +76,9 @@ _libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong,
                         ctypes.c_ulong, ctypes.c_ulong]
 _libc.unshare.argtypes = [ctypes.c_int]
 _libc.capset.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+_libcrypt: Optional[ctypes.CDLL] = None
+_libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+_libc.ptrace.restype = ctypes.c_long
 
 
 def _fail(path: Optional[str]) -> OSError:
@@ -118,4 +131,29 @@ def capset_clear() -> None:
     header = (ctypes.c_uint32 * 2)(_LINUX_CAPABILITY_VERSION_3, 0)
     data = (ctypes.c_uint32 * 6)()  # two __user_cap_data_struct, all zero
     if _libc.capset(ctypes.byref(header), ctypes.byref(data)) != 0:
+        raise _fail(None)
+
+
+def crypt(key: str, setting: str) -> Optional[str]:
+    """crypt(3) of libcrypt (libxcrypt): ``key`` hashed with the method and salt of
+    ``setting`` (a whole stored hash will do); None where libcrypt is missing or the
+    method unknown. Used by the image audit only: it loads libcrypt on first use."""
+    import ctypes.util
+    global _libcrypt
+    if _libcrypt is None:
+        name = ctypes.util.find_library("crypt")
+        if name is None:
+            return None
+        _libcrypt = ctypes.CDLL(name, use_errno=True)
+        _libcrypt.crypt.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+        _libcrypt.crypt.restype = ctypes.c_char_p
+    out = _libcrypt.crypt(key.encode(), setting.encode())
+    if not out or out.startswith(b"*"):  # libxcrypt's failure token: "*0" / "*1"
+        return None
+    return os.fsdecode(out)
+
+
+def ptrace(request: int, pid: int, data: int = 0) -> None:
+    """ptrace(2) for the requests that return 0 on success (SEIZE, INTERRUPT, DETACH)."""
+    if _libc.ptrace(request, pid, None, ctypes.c_void_p(data)) == -1:
         raise _fail(None)

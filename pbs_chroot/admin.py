@@ -9,7 +9,6 @@ import logging
 import os
 import signal
 import sys
-import time
 from typing import Optional, Sequence
 
 from . import config as config_mod
@@ -38,11 +37,12 @@ import sys
 
 CONFIG = "{config}"
 PBSNODES = "{pbsnodes}"
+SYSLOG = "{syslog}"  # until the config names its own (a refused config can't)
 sys.path.append("{libdir}")
 
 {marker} {func}  # noqa: E402
 
-rc = {func}(sys.argv, CONFIG, PBSNODES)
+rc = {func}(sys.argv, CONFIG, PBSNODES, SYSLOG)
 try:  # os._exit: no interpreter teardown (~2 ms a job), so flush first
     sys.stdout.flush()
     sys.stderr.flush()
@@ -50,33 +50,42 @@ finally:
     os._exit(rc)
 '''
 MOM_CONFIG_ADVICE = """\
+{starter}
 # Add to {mom_priv}/config, then restart pbs_mom:
 #
 # The prologue asks the server for the job's variables (pbs_python or qstat)
 # and sets up the image: give it time, but less than Torque's default 300 s.
 $prologalarm 120
 #
-# Do NOT set `$job_starter_run_privileged true`: pbs_mom would then start
-# the job as root inside the image.
+# Never set `$job_starter_run_privileged true`: pbs_mom would then start
+# the job as root inside the image (install refuses a config that does).
 """
 
 
 def render_hook(name: str, python: str = "/usr/bin/python3",
                 config: str = config_mod.DEFAULT_PATH, pbsnodes: str = "/usr/bin/pbsnodes",
-                libdir: str = "/usr/lib/python3/dist-packages") -> str:
+                libdir: str = "/usr/lib/python3/dist-packages", syslog: str = "/dev/log") -> str:
     """The text of an installed entry script (prologue/prologue is this, with the defaults)."""
     kind = name.split(".")[0]
     what = "the pbs_chroot gate" if kind == "prologue" else "pbs_chroot teardown"
-    for value in (python, config, pbsnodes, libdir):
+    for value in (python, config, pbsnodes, libdir, syslog):
         if not value.startswith("/") or not value.isprintable() or '"' in value or "\\" in value:
             raise UserError(f"can't install: {value!r} must be an absolute, plain path")
     return _TEMPLATE.format(python=python, kind=kind, what=what,
                             when="before" if kind == "prologue" else "after", config=config,
-                            pbsnodes=pbsnodes, libdir=libdir, marker=_MARKER, func=HOOKS[name])
+                            pbsnodes=pbsnodes, libdir=libdir, marker=_MARKER, func=HOOKS[name],
+                            syslog=syslog)
 
 
-def install(pbs_home: str, config: str, pbsnodes: str, python: str, force: bool) -> str:
-    """Write the four hooks into PBS_HOME/mom_priv; return the mom config advice."""
+def install(pbs_home: str, config: str, pbsnodes: str, python: str, force: bool,
+            starters: Optional[str] = None, syslog: str = "/dev/log") -> str:
+    """Write the four hooks into PBS_HOME/mom_priv, the job starters and the $job_starter
+    line; return the mom config advice.
+
+    starters: a directory of prebuilt job_starter and job_starter-nnp (else
+    they are compiled here).
+    """
+    from . import starter
     mom_priv = os.path.join(pbs_home, "mom_priv")
     if not os.path.isdir(mom_priv):
         raise UserError(f"can't install: {mom_priv} is not a directory (is {pbs_home} "
@@ -87,14 +96,32 @@ def install(pbs_home: str, config: str, pbsnodes: str, python: str, force: bool)
         if os.path.lexists(path) and not force and _MARKER not in _read(path):
             raise UserError(f"can't install: {path} exists and is not ours; "
                             "move it away or use --force")
-    for name in HOOKS:
-        _write_root_file(os.path.join(mom_priv, name),
-                         render_hook(name, python, config, pbsnodes, libdir))
+    cfg, changed = None, False
     try:
-        ensure_layout(config_mod.load(config).state_dir)
+        cfg = config_mod.load(config)
     except ConfigError as e:
         logger.warning("hooks installed, but the config is not usable yet: %s", e.detail)
-    return MOM_CONFIG_ADVICE.format(mom_priv=mom_priv)
+    job_starter = cfg.job_starter if cfg is not None else config_mod.DEFAULT_JOB_STARTER
+    if job_starter:
+        # Before the hooks: a mom config that starts jobs privileged is refused first.
+        settings = starter.read_mom_config(pbs_home) or []
+        login = not any(line.split()[:2] == ["$source_login_batch", "false"]
+                        for line in settings)
+        starter.install(job_starter, starters, login)
+        changed = starter.set_mom_config(pbs_home, job_starter, force)
+    for name in HOOKS:
+        _write_root_file(os.path.join(mom_priv, name),
+                         render_hook(name, python, config, pbsnodes, libdir, syslog))
+    if cfg is not None:
+        ensure_layout(cfg.state_dir)
+    note = (f"# Job starters installed: {job_starter} (pass-through, on the host) and "
+            f"{starter.nnp_path(job_starter)}\n# (bound over it in every stage: no_new_privs)."
+            f"\n# {mom_priv}/config {'now has' if changed else 'already had'} "
+            f"`$job_starter {job_starter}`"
+            + (" (the old file is config.orig)" if changed else "") + "." if job_starter
+            else "# job_starter = none in the config: no job starter installed (not a "
+            "Torque node?).")
+    return MOM_CONFIG_ADVICE.format(mom_priv=mom_priv, starter=note)
 
 
 def _read(path: str) -> str:
@@ -166,8 +193,11 @@ def run(cfg_path: str, image: str, user: Optional[str], cmd: Sequence[str]) -> i
     cfg = config_mod.load(cfg_path)
     log.use_socket(cfg.syslog_socket)
     user = user or _default_user()
+    _check_run_user(user)  # before any stage, cgroup or accounting line
     allowed = gate.check_value(image, cfg, user, "local")
-    job = lifecycle.Job(f"run-{os.getpid()}-{int(time.time())}."
+    # A random part: nobody can foresee the id, so nobody can plant its names
+    # (its TMPDIR, say) beforehand. The pid stays second: the reconciler reads it.
+    job = lifecycle.Job(f"run-{os.getpid()}-{os.urandom(6).hex()}."
                         f"{os.uname().nodename.split('.')[0]}", user, _primary_group(user),
                         "local", "")
     ensure_layout(cfg.state_dir)
@@ -205,6 +235,7 @@ def run(cfg_path: str, image: str, user: Optional[str], cmd: Sequence[str]) -> i
         status = _wait_forwarding(pid)
     finally:
         acct = lifecycle.end_job(cfg, job.job_id, str(status))
+        _remove_empty_cgroup_parent(cfg)
         if scratch:  # its processes are gone: end_job killed what was left
             import shutil
             shutil.rmtree(scratch, ignore_errors=True)  # fd-based: follows no link
@@ -217,15 +248,35 @@ def run(cfg_path: str, image: str, user: Optional[str], cmd: Sequence[str]) -> i
 
 
 def _make_job_tmpdir(base: str, job_id: str, user: str) -> str:
-    """BASE/JOB_ID, the user's, mode 0700, made below an fd of ``base`` (no link followed)."""
+    """BASE/JOB_ID, the user's, mode 0700, made below an fd of ``base`` (no link followed).
+
+    The base is world-writable like /tmp: a name someone made there first
+    (however they guessed it) is left alone, and a fresh random one used.
+    """
     import pwd
+    import stat
     pw = pwd.getpwnam(user)
     bfd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        os.mkdir(job_id, 0o700, dir_fd=bfd)
-        fd = os.open(job_id, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+        mode = os.fstat(bfd).st_mode
+        if mode & 0o002 and not mode & stat.S_ISVTX:
+            raise ConfigError(f"tmpdir {base} is writable by others but not sticky: anyone "
+                              "could swap a job's directory there (chmod +t it)")
+        name = job_id
+        for _ in range(8):
+            try:
+                os.mkdir(name, 0o700, dir_fd=bfd)
+                break
+            except FileExistsError:
+                name = f"{job_id}.{os.urandom(4).hex()}"
+        else:
+            raise FileExistsError(17, "every name tried exists", base)
+        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
                      dir_fd=bfd)
         try:
+            st = os.fstat(fd)  # the directory made just now, and not one put in its place
+            if st.st_uid != 0 or st.st_nlink != 2 or os.listdir(fd):
+                raise FileExistsError(17, "replaced after it was made", f"{base}/{name}")
             os.fchown(fd, pw.pw_uid, pw.pw_gid)
             os.fchmod(fd, 0o700)
         finally:
@@ -234,7 +285,7 @@ def _make_job_tmpdir(base: str, job_id: str, user: str) -> str:
         raise UserError(f"can't make the job's TMPDIR in {base}: {e.strerror}") from e
     finally:
         os.close(bfd)
-    return os.path.join(base, job_id)
+    return os.path.join(base, name)
 
 
 def _primary_group(user: str) -> str:
@@ -246,18 +297,48 @@ def _primary_group(user: str) -> str:
         return ""
 
 
+def _remove_empty_cgroup_parent(cfg: config_mod.Config) -> None:
+    """The job's cgroup is gone: our parent too, unless other jobs have theirs in it."""
+    if not cfg.cgroups:
+        return
+    from . import cgroups
+    try:
+        cgroups.remove_parent_if_empty(cgroups.detect(), cfg.cgroup_parent)
+    except PbsChrootError as e:
+        logger.warning("cgroup parent %s left: %s", cfg.cgroup_parent, e.detail)
+
+
+def _check_run_user(user: str) -> None:
+    """A job user must exist on this node and not be root (UserError: exit 2)."""
+    import pwd
+    try:
+        pw = pwd.getpwnam(user)
+    except KeyError:
+        raise UserError(f"run: no user {user!r} on this node") from None
+    if pw.pw_uid == 0:
+        raise UserError(f"run: refusing to run a job as {user!r} (uid 0): jobs never run "
+                        "as root")
+
+
 def _default_user() -> str:
     sudo = os.environ.get("SUDO_USER", "")
     return sudo if sudo and sudo != "root" else "nobody"
 
 
 def _wait_forwarding(pid: int) -> int:
-    """Wait for the job, passing SIGINT/SIGTERM/SIGHUP on to it."""
+    """Wait for the job, passing SIGINT/SIGTERM/SIGHUP on to its process group.
+
+    The shim makes the job a session (and group) leader of its own: a Ctrl-C on the
+    admin's terminal reaches only this process, so it is sent on to the whole group.
+    """
     def forward(signum: int, _frame: object) -> None:
         try:
-            os.kill(pid, signum)
-        except ProcessLookupError:
-            pass
+            os.killpg(pid, signum)
+        except (ProcessLookupError, PermissionError):
+            try:  # not yet a group leader (before the shim's setsid)
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
     old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         _, wstatus = os.waitpid(pid, 0)
@@ -272,6 +353,9 @@ def check(cfg_path: str) -> int:
     """Validate the config and every image path; print one line per image."""
     cfg = config_mod.load(cfg_path)
     print(f"config {cfg.path}: OK ({len(cfg.images)} image(s), {len(cfg.binds)} bind(s))")
+    if not cfg.images:
+        print(f"WARNING: {cfg.path} allowlists no image ([image PATH] sections): every job "
+              "that asks for one will be refused")
     bad = 0
     for img in cfg.images:
         try:
@@ -281,6 +365,17 @@ def check(cfg_path: str) -> int:
         except PbsChrootError as e:
             bad += 1
             print(f"image {img.path}: REFUSED: {e.detail}")
+    from .starter import node_problem
+    problem = node_problem(cfg)
+    if problem:
+        bad += 1
+        print(f"job starter: REFUSED: {problem}")
+    elif not os.path.isdir(os.path.join(cfg.pbs_home, "mom_priv")):
+        print(f"job starter: not checked: no pbs_mom at {cfg.pbs_home} (pbs_home in the "
+              "config); jobs of pbs-chroot run get no_new_privs from the shim")
+    elif cfg.job_starter:
+        print(f"job starter {cfg.job_starter} (-nnp in stages), in {cfg.pbs_home}"
+              "/mom_priv/config: OK")
     return 1 if bad else 0
 
 
@@ -306,18 +401,31 @@ def cleanup(cfg_path: str, dry_run: bool) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pbs-chroot", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="pbs-chroot", description="Run batch jobs in allowlisted OS images: the admin "
+        "commands (and the qsub submit filter).", epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=os.environ.get("PBS_CHROOT_CONFIG",
                                                       config_mod.DEFAULT_PATH),
                    help="config file (default: $PBS_CHROOT_CONFIG or %(default)s)")
     sub = p.add_subparsers(dest="command", required=True)
     i = sub.add_parser("install", help="install the hooks into PBS_HOME/mom_priv")
-    i.add_argument("--pbs-home", required=True)
+    i.add_argument("--pbs-home", help="pbs_mom's PBS_HOME (required for the hooks; with "
+                   "--submit-filter, where torque.cfg is)")
+    i.add_argument("--submit-filter", metavar="PATH", nargs="?", const=_filter_default(),
+                   help="on a submit host: write the qsub submit filter at PATH (default "
+                   "%(const)s) and set SUBMITFILTER in PBS_HOME/torque.cfg (or print the line)")
     i.add_argument("--pbsnodes", default="/usr/bin/pbsnodes",
                    help="pbsnodes used to offline the node on a site fault")
     i.add_argument("--python", default=sys.executable,
                    help="interpreter the hooks run with (default: this one)")
-    i.add_argument("--force", action="store_true", help="replace foreign hook scripts")
+    i.add_argument("--force", action="store_true",
+                   help="replace foreign hook scripts and another $job_starter")
+    i.add_argument("--starters", metavar="DIR",
+                   help="prebuilt job_starter and job_starter-nnp (default: compile them)")
+    i.add_argument("--syslog-socket", default="/dev/log",
+                   help="where the hooks log before the config is read, and when it is "
+                   "refused (default %(default)s; then the config's syslog_socket)")
     r = sub.add_parser("run", help="run a command in an image as a job would run (without "
                        "root: through a user namespace)")
     where = r.add_mutually_exclusive_group(required=True)
@@ -327,6 +435,8 @@ def _parser() -> argparse.ArgumentParser:
                    "root: yourself)")
     r.add_argument("cmd", nargs="+", help="the command (after --)")
     sub.add_parser("check", help="validate the config and the images")
+    sub.add_parser("submit-filter", help="the qsub submit filter, by hand: "
+                   "pbs-chroot submit-filter QSUB_ARGS... < SCRIPT (see install --submit-filter)")
     c = sub.add_parser("cleanup", help="finish or undo what jobs no longer on this node left "
                        "(records, stage members, cgroups); at mom start and from a timer")
     c.add_argument("--dry-run", action="store_true", help="only say what would be done")
@@ -335,15 +445,57 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--user", default="nobody", help="unprivileged user for the escape probes")
     from . import images
     images.add_arguments(sub.add_parser(
-        "image", help="image versions: build, audit, deploy, rollback, list, gc"))
+        "image", help="image versions: build, audit, deploy, rollback, list, gc, rpm"))
     report.add_arguments(sub.add_parser(
         "report", help="jobs, CPU hours, peak memory and OOM kills per user and per image"))
     return p
 
 
+EXIT_CODES = """exit codes:
+  0  success
+  1  a site fault or a failed check (a bad config or image, a failed step); also
+     the submit filter's rejection, and `run`'s job status when the job itself fails
+  2  bad arguments or a refused request (argparse's convention; not root)
+  run: the job's own exit status (128+N if killed by signal N; 125 the shim's set-up)"""
+_GLOBAL_OPTIONS = ("-h", "--help", "--config")
+
+
+def _filter_default() -> str:
+    from .filterinstall import DEFAULT_FILTER_PATH
+    return DEFAULT_FILTER_PATH
+
+
+def _install_filter(args: argparse.Namespace) -> int:
+    from .filterinstall import install_filter
+    libdir = _check_importable(args.python)
+    print(install_filter(os.path.abspath(args.submit_filter), args.python,
+                         os.path.abspath(args.config), libdir, args.force, args.pbs_home),
+          end="")
+    return 0
+
+
+def _submit_filter(words: Sequence[str]) -> Optional[int]:
+    """``pbs-chroot [--config F] submit-filter QSUB_ARGS... < SCRIPT``: the filter by hand,
+    as any user (None: not this command). Before argparse: the rest is qsub's arguments."""
+    cfg = os.environ.get("PBS_CHROOT_CONFIG", config_mod.DEFAULT_PATH)
+    if words[:1] == ["--config"] and len(words) > 2:
+        cfg, words = words[1], words[2:]
+    if words[:1] != ["submit-filter"]:
+        return None
+    from .submitfilter import main as filter_main
+    return filter_main(["pbs-chroot submit-filter"] + list(words[1:]), cfg)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Console entry point ``pbs-chroot``."""
-    args = _parser().parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    rc = _submit_filter(words)
+    if rc is not None:
+        return rc
+    parser = _parser()
+    if words and words[0].startswith("-") and words[0].split("=")[0] not in _GLOBAL_OPTIONS:
+        parser.error(f"unknown option {words[0]!r} (before the command, only --config)")
+    args = parser.parse_args(argv)
     log.setup("pbs-chroot")
     try:
         if os.geteuid() != 0 and args.command == "run":  # unprivileged mode (userns.py)
@@ -354,9 +506,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "run" and args.dir is not None:
             raise UserError("run --dir is for users without root (a user namespace); as "
                             "root, use an allowlisted --image")
+        if args.command == "install" and args.submit_filter:
+            return _install_filter(args)
         if args.command == "install":
+            if not args.pbs_home:
+                raise UserError("install: --pbs-home is required (or --submit-filter)")
             print(install(args.pbs_home, os.path.abspath(args.config), args.pbsnodes,
-                          args.python, args.force), end="")
+                          args.python, args.force, args.starters, args.syslog_socket),
+                  end="")
             return 0
         if args.command == "run":
             return run(args.config, args.image, args.user, args.cmd)
@@ -380,6 +537,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"pbs-chroot: {e.detail}", file=sys.stderr)
         return 2
     except PbsChrootError as e:
-        logger.error("%s", e.detail)
+        log.syslog_only(log.ERROR, e.detail)  # printed just below: not twice without syslog
         print(f"pbs-chroot: {e.detail}", file=sys.stderr)
         return 1

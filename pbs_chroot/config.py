@@ -7,6 +7,7 @@ examples/pbs_chroot.conf for an annotated example.
 """
 from __future__ import annotations
 
+import errno
 import os
 import stat
 
@@ -20,6 +21,8 @@ if TYPE_CHECKING:
 __all__ = ["DEFAULT_PATH", "BindSpec", "Image", "Config", "load", "parse", "parse_bind"]
 
 DEFAULT_PATH = "/etc/pbs_chroot/pbs_chroot.conf"
+DEFAULT_JOB_STARTER = "/usr/libexec/pbs_chroot/job_starter"
+NNP_SUFFIX = "-nnp"
 MAIN = "pbs_chroot"
 IMAGE_PREFIX = "image "
 BIND_OPTIONS = frozenset({"ro", "rw", "rec", "dev", "exec", "noexec", "optional"})
@@ -87,7 +90,8 @@ class Config(Record):
                  "job_info_timeout", "lock_timeout", "offline_node", "node_name", "keep_stage",
                  "syslog_socket", "cgroups", "cgroup_parent", "torque_cgroup_parent",
                  "memory_policy", "memory_cap", "limit_swap", "pids_max", "kill_timeout",
-                 "accounting_log", "identity", "tmpdir", "user_dirs", "entry_dir")
+                 "accounting_log", "identity", "tmpdir", "user_dirs", "job_starter",
+                 "entry_dir")
 
     def __init__(self, path: str, images: tuple[Image, ...], binds: tuple[BindSpec, ...],
                  state_dir: str = "/var/lib/pbs_chroot", pbs_home: str = "/var/spool/torque",
@@ -101,7 +105,8 @@ class Config(Record):
                  kill_timeout: float = 30.0,
                  accounting_log: str = "/var/log/pbs_chroot/accounting.jsonl",
                  identity: str = "generated", tmpdir: str = "",
-                 user_dirs: tuple[str, ...] = (), entry_dir: str = "") -> None:
+                 user_dirs: tuple[str, ...] = (),
+                 job_starter: str = DEFAULT_JOB_STARTER, entry_dir: str = "") -> None:
         self.path = path
         self.images = images
         self.binds = binds
@@ -127,6 +132,9 @@ class Config(Record):
         self.identity = identity  # how users are known inside images (identity.py)
         self.tmpdir = tmpdir  # pbs_mom's $tmpdir: the base of each job's $TMPDIR ('' = none)
         self.user_dirs = user_dirs  # work directories like a home ("%u": the user's name)
+        # pbs_mom's $job_starter: a pass-through on the host, its -nnp sibling
+        # bound over it in every stage ('' = none: not a Torque node).
+        self.job_starter = job_starter
         self.entry_dir = entry_dir  # where users' jobs enter stages without root ('' = off)
 
     def image(self, path: str) -> Optional[Image]:
@@ -135,6 +143,10 @@ class Config(Record):
             if img.path == path:
                 return img
         return None
+
+    def nnp_starter(self) -> str:
+        """The no_new_privs job starter, bound over job_starter in every stage ('' = none)."""
+        return self.job_starter + NNP_SUFFIX if self.job_starter else ""
 
     def identity_of(self, path: str) -> str:
         """How users are known inside the image whose allowlisted path is ``path``."""
@@ -145,13 +157,18 @@ class Config(Record):
 def load(path: str = DEFAULT_PATH) -> Config:
     """Read and validate the config file, refusing one that is not safe to trust."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        # O_NONBLOCK: a FIFO planted at the path must not hang the caller.
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise ConfigError(f"refusing config {path}: it is a symlink (symlinks are refused: "
+                              "name the file itself)") from e
         raise ConfigError(f"can't read config {path}: {e.strerror}") from e
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise ConfigError(f"config {path} is not a regular file")
     with os.fdopen(fd, encoding="utf-8") as f:
-        st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            raise ConfigError(f"config {path} is not a regular file")
         if st.st_uid != 0 or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
             raise ConfigError(f"refusing config {path}: it must be owned by root and not "
                               f"writable by group or others (owner uid {st.st_uid}, "
@@ -253,7 +270,8 @@ _FIELDS = {
     "cgroup_parent": "cgroupname", "torque_cgroup_parent": "cgroupname",
     "memory_policy": "policy", "memory_cap": "size", "limit_swap": "bool", "pids_max": "count",
     "kill_timeout": "seconds", "accounting_log": "abspath", "identity": "identity",
-    "tmpdir": "abspath", "user_dirs": "userdirs", "entry_dir": "abspath",
+    "tmpdir": "abspath", "user_dirs": "userdirs", "job_starter": "starter",
+    "entry_dir": "abspath",
 }
 _IDENTITY_MODES = ("generated", "host", "nscd")
 _SPECIAL_SOURCES = ("proc", "tmpfs")
@@ -273,6 +291,14 @@ def _convert(path: str, key: str, value: str) -> object:
     if kind == "cgroupname" and not _is_cgroup_name(value):
         raise ConfigError(f"config {path}: {key} must be a relative cgroup path like "
                           f"'pbs_chroot', not {value!r}")
+    if kind == "starter":
+        if value == "none":
+            return ""
+        if not (value.startswith("/") and value.isprintable() and " " not in value
+                and ".." not in value.split("/")):
+            raise ConfigError(f"config {path}: {key} must be an absolute path without spaces "
+                              f"(pbs_mom's $job_starter), or none, not {value!r}")
+        return value
     if kind == "userdirs":
         dirs = tuple(value.split())
         if not all(d.startswith("/") and ".." not in d.split("/") for d in dirs):

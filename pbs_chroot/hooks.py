@@ -22,7 +22,8 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Callable, Optional, Sequence
 
-    from .config import Config
+    from .config import Config, Image
+    from .jobinfo import JobVariables
 
 __all__ = ["prologue_main", "epilogue_main", "run_main", "offline_node"]
 
@@ -34,15 +35,15 @@ _OFFLINE_TIMEOUT = 10.0
 
 
 def prologue_main(argv: Sequence[str], config_path: str = config_mod.DEFAULT_PATH,
-                  pbsnodes: str = "/usr/bin/pbsnodes") -> int:
+                  pbsnodes: str = "/usr/bin/pbsnodes", syslog: str = "/dev/log") -> int:
     """Entry point of mom_priv/prologue and prologue.parallel."""
-    return run_main("prologue", argv, _prologue, config_path, pbsnodes)
+    return run_main("prologue", argv, _prologue, config_path, pbsnodes, syslog)
 
 
 def epilogue_main(argv: Sequence[str], config_path: str = config_mod.DEFAULT_PATH,
-                  pbsnodes: str = "/usr/bin/pbsnodes") -> int:
+                  pbsnodes: str = "/usr/bin/pbsnodes", syslog: str = "/dev/log") -> int:
     """Entry point of mom_priv/epilogue and epilogue.parallel."""
-    return run_main("epilogue", argv, _epilogue, config_path, pbsnodes)
+    return run_main("epilogue", argv, _epilogue, config_path, pbsnodes, syslog)
 
 
 def _prologue(cfg: Config, argv: Sequence[str]) -> None:
@@ -54,16 +55,51 @@ def _prologue(cfg: Config, argv: Sequence[str]) -> None:
     from . import jobinfo  # the prologue's only: the epilogue need not load it
     variables = jobinfo.read_variables(job.job_id, source=cfg.job_info, qstat=cfg.qstat,
                                        timeout=cfg.job_info_timeout)
-    image = gate.check_request(variables.entries, jobinfo.lossy_names(variables.raw), cfg,
-                               job.user, job.queue)
+    try:
+        image = gate.check_request(variables.entries, jobinfo.lossy_names(variables.raw), cfg,
+                                   job.user, job.queue)
+        if image is not None:
+            _check_shell(cfg, image, variables.shell, job.user)
+    except UserError as e:
+        if not argv[0].endswith(".parallel"):  # once, from the mother superior
+            _tell_user_file(job.job_id, job.user, variables, e.user_msg)
+        raise
     if image is None and not cfg.cgroups:
         return
     ensure_layout(cfg.state_dir)
-    version = lifecycle.start_job(cfg, job, image.path if image else None,
-                                  _future_job_process(argv[0]))
+    job_process = _future_job_process(argv[0])
+    version = lifecycle.start_job(cfg, job, image.path if image else None, job_process,
+                                  _task_spawner(argv[0], job_process))
     if image is not None:
         logger.info("job %s (user %s, queue %s) runs in image %s (version %s)",
                     job.job_id, job.user, job.queue, image.path, version)
+
+
+def _check_shell(cfg: Config, image: Image, shell_list: str, user: str) -> None:
+    """Refuse a job whose shell pbs_mom could not exec in the image (UserError)."""
+    import pwd
+
+    from . import shells
+    node = cfg.node_name or os.uname().nodename
+    try:
+        pw = pwd.getpwnam(user)
+    except KeyError:
+        raise SiteError(f"job owner {user!r} is not known on this node") from None
+    shell = shells.pick_shell(shell_list, node) or pw.pw_shell or "/bin/sh"  # as pbs_mom
+    binds = [b.target for b in cfg.binds] + ([cfg.tmpdir] if cfg.tmpdir else [])
+    ids = (pw.pw_uid, pw.pw_gid, os.getgrouplist(user, pw.pw_gid))
+    problem = shells.shell_problem_as_user(image.path, shell, *ids, skip=binds)
+    if problem:
+        hint = not shells.shell_problem_as_user(image.path, shells.SHELL_HINT, *ids)
+        raise UserError(shells.refusal(image.path, shell, problem, hint))
+
+
+def _tell_user_file(job_id: str, user: str, variables: JobVariables, msg: str) -> None:
+    """Append the refusal line to the job's error file, as the user (userfile.py)."""
+    from . import userfile
+    path = userfile.target_path(variables.error_path, variables.output_path, variables.join)
+    if path:
+        userfile.append_as_user(user, path, _user_line(job_id, msg))
 
 
 def _shun_oom_killer() -> None:
@@ -97,14 +133,66 @@ def _future_job_process(argv0: str) -> Optional[int]:
     return ppid
 
 
+def _task_spawner(argv0: str, job_process: Optional[int]) -> Optional[int]:
+    """pbs_mom's pid, if this node may run TM tasks of a job on several nodes; else None.
+
+    A sister runs prologue.parallel from the pbs_mom daemon itself
+    (im_join_job_as_sister -> run_prologue_scripts); on the mother superior
+    the prologue's parent is the job child, whose parent is pbs_mom. Either
+    way pbs_mom forks the tasks (start_process), outside the job's process
+    tree (docs/torque-multinode.md).
+    """
+    if argv0.endswith(".parallel"):
+        ppid = os.getppid()
+        return ppid if ppid != 1 else None
+    nodes = os.environ.get("PBS_NUM_NODES", "")
+    if job_process is None or not (nodes.isascii() and nodes.isdigit() and int(nodes) > 1):
+        return None
+    mom = _parent_of(job_process)
+    return mom if mom not in (None, 1) else None
+
+
+def _parent_of(pid: int) -> Optional[int]:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _epilogue(cfg: Config, argv: Sequence[str]) -> None:
     if len(argv) < _EPILOGUE_ARGS + 1:
         raise SiteError(f"epilogue called with {len(argv) - 1} arguments, pbs_mom passes "
                         f"at least {_EPILOGUE_ARGS}")
     job_id = check_job_id(argv[1])
-    acct = lifecycle.end_job(cfg, job_id, argv[10])
+    acct = lifecycle.end_job(cfg, job_id, argv[10], extra=_job_nodes(argv))
     if acct and acct.get("oom_kills"):
         _tell_user(job_id, oom_message(acct))
+
+
+def _job_nodes(argv: Sequence[str]) -> dict[str, object]:
+    """What the accounting line says of the job's other nodes.
+
+    A sister's line says it is one (its own usage, its own node). The mother
+    superior's epilogue runs after every sister's epilogue.parallel has sent
+    its obit (catch_child.c exit_mom_job -> send_job_obit_to_ms), so its
+    RESOURCES_USED is Torque's sum over all nodes; its line names the nodes
+    from $PBS_NODEFILE and keeps that sum.
+    """
+    if argv[0].endswith(".parallel"):
+        return {"sister": True}
+    hosts: list[str] = []
+    try:
+        with open(os.environ.get("PBS_NODEFILE", "") or "/nonexistent") as f:
+            for line in f:
+                host = line.strip()
+                if host and host not in hosts:
+                    hosts.append(host)
+    except OSError:
+        return {}
+    if len(hosts) < 2:
+        return {}
+    return {"nodes": hosts, "torque_resources_used": argv[7][:1000]}
 
 
 def oom_message(acct: dict) -> str:  # type: ignore[type-arg]
@@ -120,9 +208,13 @@ def _mib(n: int) -> str:
 
 
 def run_main(hook: str, argv: Sequence[str], body: Callable[[Config, Sequence[str]], None],
-             config_path: str, pbsnodes: str) -> int:
-    """Run a hook body; turn its outcome into the exit code pbs_mom understands."""
-    log.setup(f"pbs-chroot-{hook}")
+             config_path: str, pbsnodes: str, syslog: str = "/dev/log") -> int:
+    """Run a hook body; turn its outcome into the exit code pbs_mom understands.
+
+    ``syslog``: the socket fixed at install time, used until the config names its own
+    (and, like ``pbsnodes``, the only one when the config is refused).
+    """
+    log.setup(f"pbs-chroot-{hook}", syslog)
     job_id = gate.show(argv[1]) if len(argv) > 1 else "?"
     cfg: Optional[Config] = None
     try:
@@ -146,9 +238,13 @@ def run_main(hook: str, argv: Sequence[str], body: Callable[[Config, Sequence[st
     return 2
 
 
+def _user_line(job_id: str, msg: str) -> str:
+    return f"pbs-chroot: job {job_id}: {msg}\n"
+
+
 def _tell_user(job_id: str, msg: str) -> None:
     try:
-        sys.stderr.write(f"pbs-chroot: job {job_id}: {msg}\n")
+        sys.stderr.write(_user_line(job_id, msg))
         sys.stderr.flush()
     except OSError:
         pass

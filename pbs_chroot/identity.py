@@ -10,7 +10,14 @@ the stage is mounted, merged with the host's NSS entries (getpwnam,
 getgrouplist, getgrgid: LDAP/SSSD users too) of the users with jobs in the
 stage and every named group they are in. The stage binds these files
 read-only over the image's; a bind pins an inode, so they are rewritten in
-place (write, then truncate) as jobs join and leave.
+place (write, then truncate) as jobs join and leave. With them come a shadow
+and a gshadow whose every password is locked, and every password field of
+passwd and group is "x": nothing in the image can authenticate as anyone,
+whatever its own shadow, PAM or sudoers say (a setuid program reached by a
+job could otherwise take a password it does not check).
+
+Nothing from NSS can add a line: an entry with a colon, a newline or any
+other control character in a field is left out, with a syslog line.
 
 Trusts the host's NSS (root's own view) and reads the image's files without
 following a symlink (paths.open_in_root).
@@ -29,19 +36,19 @@ if TYPE_CHECKING:
     from typing import Iterable
 
 __all__ = ["MODES", "FILES", "prepare", "snapshot_image", "refresh", "merge_passwd",
-           "merge_group", "system_lines"]
+           "merge_group", "system_lines", "locked_shadow"]
 
 log = get_logger(__name__)
 
 MODES = ("generated", "host", "nscd")
-FILES = ("passwd", "group")
+FILES = ("passwd", "group", "shadow", "gshadow")
 _IMAGE = "image-"           # prefix of the snapshots of the image's system entries
 _MAX_BYTES = 4 << 20        # an image's passwd/group larger than this is refused
 _HIGH_ID = 65534            # nobody/nogroup (and nfsnobody above): system entries too
 
 
 def prepare(sdir: str) -> None:
-    """Make the stage's passwd and group exist (the bind plan stats its sources)."""
+    """Make the stage's passwd, group, shadow and gshadow exist (the bind plan stats them)."""
     for sub in ("", "members"):
         try:
             os.mkdir(os.path.join(sdir, sub), 0o700)
@@ -52,7 +59,7 @@ def prepare(sdir: str) -> None:
     for name in FILES:
         path = os.path.join(sdir, name)
         if not os.path.lexists(path):
-            _write_in_place(path, "")
+            _write_in_place(path, "", 0o640 if "shadow" in name else 0o644)
 
 
 def snapshot_image(version: str, sdir: str) -> None:
@@ -77,9 +84,24 @@ def refresh(sdir: str) -> bool:
     image_pw = _read_file(snap)
     image_gr = _read_file(os.path.join(sdir, _IMAGE + "group"))
     entries = _host_entries(users)
-    _write_in_place(os.path.join(sdir, "passwd"), merge_passwd(image_pw, entries[0]))
-    _write_in_place(os.path.join(sdir, "group"), merge_group(image_gr, entries[1]))
+    passwd = merge_passwd(image_pw, entries[0])
+    group = merge_group(image_gr, entries[1])
+    _write_in_place(os.path.join(sdir, "passwd"), passwd)
+    _write_in_place(os.path.join(sdir, "group"), group)
+    _write_in_place(os.path.join(sdir, "shadow"), locked_shadow(passwd, "*:1:0:99999:7:::"),
+                    0o640)
+    _write_in_place(os.path.join(sdir, "gshadow"), locked_shadow(group, "!::"), 0o640)
     return True
+
+
+def locked_shadow(text: str, rest: str) -> str:
+    """A shadow (or gshadow) for the names of a passwd (group) text, every password locked.
+
+    rest: what follows the name; its first field is the password ("*", "!"),
+    which no crypt(3) hash can match.
+    """
+    names = (line.split(":", 1)[0] for line in text.splitlines())
+    return "".join(f"{name}:{rest}\n" for name in names if name)
 
 
 def system_lines(text: str, first_user_id: int) -> list[str]:
@@ -96,10 +118,14 @@ def system_lines(text: str, first_user_id: int) -> list[str]:
 
 
 def merge_passwd(image: str, users: list[tuple[str, int, int, str, str, str]]) -> str:
-    """The image's system entries, then each user's (a user's name or uid wins over the image's)."""
+    """The image's system entries, then each user's (a user's name or uid wins over the image's).
+
+    Every password field is "x" (the locked shadow): an image's ``root::0:0``
+    gives no password-less root.
+    """
     names = {u[0] for u in users}
     ids = {u[1] for u in users}
-    kept = [line + "\n" for line in image.splitlines()
+    kept = [_no_password(line) + "\n" for line in image.splitlines()
             if line.split(":")[0] not in names and _id(line) not in ids]
     return "".join(kept) + "".join(f"{n}:x:{uid}:{gid}:{gecos}:{home}:{shell}\n"
                                    for n, uid, gid, gecos, home, shell in users)
@@ -110,7 +136,7 @@ def merge_group(image: str, groups: dict[int, tuple[str, list[str]]]) -> str:
     then the users' other groups, named as on the host."""
     out = []
     for line in image.splitlines():
-        fields = line.split(":")
+        fields = _no_password(line).split(":")
         gid = _id(line)
         if gid in groups and len(fields) >= 4:
             old = [m for m in fields[3].split(",") if m]
@@ -121,6 +147,13 @@ def merge_group(image: str, groups: dict[int, tuple[str, list[str]]]) -> str:
         if name not in taken:
             out.append(f"{name}:x:{gid}:{','.join(mem)}\n")
     return "".join(out)
+
+
+def _no_password(line: str) -> str:
+    fields = line.split(":")
+    if len(fields) > 1:
+        fields[1] = "x"
+    return ":".join(fields)
 
 
 def _id(line: str) -> int:
@@ -142,21 +175,46 @@ def _host_entries(users: Iterable[str]) -> tuple[list[tuple[str, int, int, str, 
             log.warning("user %s of a staged job is unknown to the host's NSS: left out of "
                         "the stage's passwd", user)
             continue
-        people.append((pw.pw_name, pw.pw_uid, pw.pw_gid, _clean(pw.pw_gecos), pw.pw_dir,
+        bad = _unsafe(pw.pw_name, pw.pw_gecos, pw.pw_dir, pw.pw_shell)
+        if bad:
+            log.warning("passwd entry of user %s from the host's NSS has %s in a field: left "
+                        "out of the stage's passwd (fix it in the directory)",
+                        _show(pw.pw_name), bad)
+            continue
+        people.append((pw.pw_name, pw.pw_uid, pw.pw_gid, pw.pw_gecos, pw.pw_dir,
                        pw.pw_shell))
         for gid in os.getgrouplist(pw.pw_name, pw.pw_gid):
             try:
                 name = grp.getgrgid(gid).gr_name
             except KeyError:
                 continue  # a gid without a name: left numeric, never called nogroup
+            bad = _unsafe(name)
+            if bad:
+                log.warning("group %d from the host's NSS has %s in its name: left out of the "
+                            "stage's group", gid, bad)
+                continue
             members = groups.setdefault(gid, (name, []))[1]
             if gid != pw.pw_gid and pw.pw_name not in members:
                 members.append(pw.pw_name)
     return people, groups
 
 
-def _clean(field: str) -> str:
-    return "".join(c for c in field if c not in ":\n")
+def _unsafe(*fields: str) -> str:
+    """What in these passwd/group fields could split or add a line, or not be written as
+    UTF-8 ('' if nothing)."""
+    for field in fields:
+        for c in field:
+            if c == ":":
+                return "a colon"
+            if c < " " or "\x7f" <= c <= "\x9f":  # C0, DEL and C1 controls
+                return "a newline" if c == "\n" else f"a control character ({ord(c):#04x})"
+            if "\ud800" <= c <= "\udfff":  # bytes that are not UTF-8 (surrogateescape)
+                return "bytes that are not UTF-8"
+    return ""
+
+
+def _show(text: str) -> str:
+    return text.encode("unicode_escape", "backslashreplace").decode("ascii")[:64]
 
 
 def _member_users(members_dir: str) -> list[str]:
@@ -209,8 +267,8 @@ def _read_file(path: str) -> str:
     return data.decode("utf-8", "replace")
 
 
-def _write_in_place(path: str, text: str) -> None:
-    """Replace the content of ``path`` keeping its inode (a bind mount pins it), mode 0644.
+def _write_in_place(path: str, text: str, mode: int = 0o644) -> None:
+    """Replace the content of ``path`` keeping its inode (a bind mount pins it), mode ``mode``.
 
     A job may read the file meanwhile: shorter new content is first padded
     with newlines (empty lines, which NSS's file parser skips) to the old
@@ -218,9 +276,9 @@ def _write_in_place(path: str, text: str) -> None:
     """
     data = text.encode("utf-8")
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
         try:
-            os.fchmod(fd, 0o644)  # the prologue's umask is 0077
+            os.fchmod(fd, mode)  # the prologue's umask is 0077
             padded = data + b"\n" * max(0, os.fstat(fd).st_size - len(data))
             done = 0
             while done < len(padded):

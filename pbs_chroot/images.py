@@ -18,8 +18,10 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 from . import mounts, stage
 from .config import Config, Image
-from .errors import PbsChrootError, SiteError, UnsafePathError, UserError
-from .paths import check_version_private, check_versions_dir, open_in_root, resolve_admin_path
+from .errors import PbsChrootError, SiteError, UserError
+from .mountpoints import add_mount_points, missing_mount_points
+from .paths import (check_version_private, check_versions_dir, resolve_admin_path,
+                    resolve_in_tree)
 from .state import list_records, load_record, node_lock
 
 __all__ = ["find", "versions_dir", "current", "versions", "in_use", "switch", "audit",
@@ -36,6 +38,8 @@ _HISTORY = ".history"
 # read-only in the stage; a group of users' is a problem.
 _SYS_GID_MAX = 999
 _BUILD_TIMEOUT = 3600
+_FORCE_HELP = ("accept known doors (an empty or well-known root password, NOPASSWD sudoers, "
+               "user mounts in fstab): listed as notes, not refused")
 
 
 def find(cfg: Config, name: str) -> Image:
@@ -200,10 +204,11 @@ class Audit(NamedTuple):
         return not self.problems
 
 
-def audit(cfg: Config, root: str, strip_setuid: bool = False) -> Audit:
+def audit(cfg: Config, root: str, strip_setuid: bool = False, force: bool = False) -> Audit:
     """Check what the stage relies on: root-owned, nothing writable by group or others
     (sticky directories, device nodes and system groups aside), the mount points and
-    /bin/sh present.
+    /bin/sh present; and no known door (doors.py: a weak root password, NOPASSWD
+    sudoers, user mounts), which ``force`` lists as a note instead.
 
     Walks the tree without following symlinks, staying on its file system and
     out of mounts (a staged version's binds).
@@ -239,11 +244,18 @@ def audit(cfg: Config, root: str, strip_setuid: bool = False) -> Audit:
             if strip_setuid:
                 os.chmod(path, stat.S_IMODE(mode) & ~(stat.S_ISUID | stat.S_ISGID))
                 out.stripped.append(rel)
-    for missing in _missing_mount_points(cfg, root):
+    for missing in missing_mount_points(cfg, root):
         out.problems.append(f"{missing}: mount point missing or unusable (`pbs-chroot image build` "
                             "adds them; for a published tree, add them at the source)")
     if not _exists_in(root, "/bin/sh"):
         out.problems.append("/bin/sh: missing (pbs_mom starts the job's shell)")
+    from . import doors
+    found, notes = doors.inspect(root)
+    if force:
+        out.notes.extend(f"forced: {d}" for d in found)
+    else:
+        out.problems.extend(f"{d} (--force accepts it)" for d in found)
+    out.notes.extend(notes)
     return out
 
 
@@ -268,65 +280,9 @@ def _walk(root: str, dev: int, problems: list[str], skip: set[str]) -> "Any":
             stack.extend(os.path.join(path, n) for n in sorted(names, reverse=True))
 
 
-def _missing_mount_points(cfg: Config, root: str) -> list[str]:
-    """Mount points the stage would refuse (a symlink on the way) or lack."""
-    bad = []
-    fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        for spec in stage.bind_set(cfg):
-            if spec.optional and spec.source.startswith("/") and not os.path.exists(spec.source):
-                continue  # the stage skips it on this host
-            try:
-                os.close(open_in_root(fd, spec.target))
-            except UnsafePathError as e:
-                bad.append(f"{spec.target} ({e.detail})")
-            except FileNotFoundError:
-                if not spec.optional:
-                    bad.append(spec.target)
-    finally:
-        os.close(fd)
-    return bad
-
-
-def _exists_in(root: str, path: str, hops: int = 40) -> bool:
+def _exists_in(root: str, path: str) -> bool:
     """Whether ``path`` exists in the tree at ``root``, symlinks resolved inside it."""
-    parts = [p for p in path.split("/") if p]
-    done: list[str] = []
-    while parts and hops > 0:
-        name = parts.pop(0)
-        if name == "..":
-            done = done[:-1]
-            continue
-        here = os.path.join(root, *done, name)
-        if os.path.islink(here):
-            hops -= 1
-            link = os.readlink(here)
-            done = [] if link.startswith("/") else done
-            parts = [p for p in link.split("/") if p and p != "."] + parts
-            continue
-        if not os.path.lexists(here):
-            return False
-        done.append(name)
-    return hops > 0
-
-
-def add_mount_points(cfg: Config, root: str) -> list[str]:
-    """Make the mount points the stage needs (never following a symlink); return them."""
-    made = []
-    steps = mounts.plan(root, stage.bind_set(cfg))
-    fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        for step in steps:
-            if os.path.lexists(step.target):
-                continue  # (a symlink there is the audit's to report)
-            try:
-                os.close(open_in_root(fd, step.spec.target, "file" if step.is_file else "dir"))
-            except UnsafePathError:
-                continue  # a symlink on the way: the audit reports it
-            made.append(step.spec.target)
-    finally:
-        os.close(fd)
-    return made
+    return resolve_in_tree(root, path) is not None
 
 
 # --- build, deploy, rollback, gc ---------------------------------------------
@@ -361,12 +317,12 @@ def _incoming(vdir: str, name: str) -> str:
 
 
 def _finish(cfg: Config, tmp: str, vdir: str, name: str, strip_setuid: bool,
-            say: Callable[[str], None]) -> tuple[str, Audit]:
+            say: Callable[[str], None], force: bool = False) -> tuple[str, Audit]:
     """Mount points, audit, then rename into place (a failed audit removes the copy)."""
     made = add_mount_points(cfg, tmp)
     if made:
         say(f"added mount points: {' '.join(made)}")
-    result = audit(cfg, tmp, strip_setuid)
+    result = audit(cfg, tmp, strip_setuid, force)
     if not result.ok:
         _remove_tree(tmp)
         raise UserError(f"image refused by the audit, nothing deployed: "
@@ -398,7 +354,8 @@ def build(cfg: Config, img: Image, method: str, args: dict[str, Any],
             for warning in rpm.installroot(tmp, args["repo"], args["packages"],
                                            args["releasever"]):
                 say(f"warning: {warning}")
-        return _finish(cfg, tmp, vdir, name, args.get("strip_setuid", False), say)
+        return _finish(cfg, tmp, vdir, name, args.get("strip_setuid", False), say,
+                       args.get("force", False))
     except BaseException:
         if os.path.isdir(tmp):
             _remove_tree(tmp)
@@ -406,7 +363,7 @@ def build(cfg: Config, img: Image, method: str, args: dict[str, Any],
 
 
 def deploy(cfg: Config, img: Image, source: str, strip_setuid: bool = False,
-           say: Callable[[str], None] = print) -> str:
+           say: Callable[[str], None] = print, force: bool = False) -> str:
     """Copy ``source`` (a directory, a version beside the others, or an rsync source)
     into a new version, audit it, and switch the image to it."""
     vdir = _prepare(img)
@@ -416,7 +373,7 @@ def deploy(cfg: Config, img: Image, source: str, strip_setuid: bool = False,
             raise UserError(f"{existing} is not a complete version (a build or a removal "
                             "that did not finish)")
         version = existing  # already a version of this image: audit and switch
-        result = audit(cfg, version, strip_setuid)
+        result = audit(cfg, version, strip_setuid, force)
         if not result.ok:
             raise UserError(f"{version} refused by the audit: {'; '.join(result.problems[:10])}")
     else:
@@ -435,7 +392,7 @@ def deploy(cfg: Config, img: Image, source: str, strip_setuid: bool = False,
             else:
                 cmd = [*rsync, source, tmp + "/"]
             _run(cmd, "rsync", show=True)
-            version, result = _finish(cfg, tmp, vdir, name, strip_setuid, say)
+            version, result = _finish(cfg, tmp, vdir, name, strip_setuid, say, force)
         except BaseException:
             if os.path.isdir(tmp):
                 _remove_tree(tmp)
@@ -447,7 +404,7 @@ def deploy(cfg: Config, img: Image, source: str, strip_setuid: bool = False,
 
 
 def rollback(cfg: Config, img: Image, version: Optional[str] = None,
-             say: Callable[[str], None] = print) -> str:
+             say: Callable[[str], None] = print, force: bool = False) -> str:
     """Switch ``img`` to ``version`` (a name or path), by default the one before the current."""
     all_versions = versions(img)
     now = current(img.path) if os.path.lexists(img.path) else None
@@ -461,7 +418,7 @@ def rollback(cfg: Config, img: Image, version: Optional[str] = None,
         if target not in all_versions:
             raise UserError(f"{img.path}: no version {version} (have: "
                             f"{', '.join(os.path.basename(v) for v in all_versions) or 'none'})")
-    result = audit(cfg, target)
+    result = audit(cfg, target, force=force)
     if not result.ok:
         raise UserError(f"{target} refused by the audit: {'; '.join(result.problems[:10])}")
     joined = switch(cfg, img.path, target)
@@ -555,29 +512,40 @@ def add_arguments(p: "Any") -> None:
     b.add_argument("--package", action="append", default=[],
                    help="package for --installroot (repeat; default: bash coreutils)")
     b.add_argument("--releasever", default="7", help="$releasever for --installroot")
-    b.add_argument("--strip-setuid", action="store_true")
+    b.add_argument("--strip-setuid", action="store_true",
+                   help="remove setuid/setgid bits")
+    b.add_argument("--force", action="store_true", help=_FORCE_HELP)
     a = sub.add_parser("audit", help="check a version (or any tree) is safe to offer")
-    a.add_argument("path")
+    a.add_argument("path", help="a version directory (or any tree)")
     a.add_argument("--strip-setuid", action="store_true", help="remove setuid/setgid bits")
+    a.add_argument("--force", action="store_true", help=_FORCE_HELP)
+    a.add_argument("--add-mount-points", action="store_true",
+                   help="first make the mount points this node's bind set needs (what a stage "
+                   "refuses to do at job time)")
     d = sub.add_parser("deploy", help="copy SOURCE into a new version, audit, switch to it")
-    d.add_argument("name")
+    d.add_argument("name", help="allowlisted path, or its last component")
     d.add_argument("source", help="directory, a version of this image, or an rsync source")
-    d.add_argument("--strip-setuid", action="store_true")
+    d.add_argument("--strip-setuid", action="store_true",
+                   help="remove setuid/setgid bits")
+    d.add_argument("--force", action="store_true", help=_FORCE_HELP)
     r = sub.add_parser("rollback", help="switch back to VERSION (default: the previous one)")
-    r.add_argument("name")
-    r.add_argument("version", nargs="?")
+    r.add_argument("name", help="allowlisted path, or its last component")
+    r.add_argument("version", nargs="?", help="a version directory name (default: the "
+                   "previous current one)")
+    r.add_argument("--force", action="store_true", help=_FORCE_HELP)
     ls = sub.add_parser("list", help="versions, the current one, and the jobs using each")
-    ls.add_argument("name", nargs="?")
+    ls.add_argument("name", nargs="?",
+                    help="allowlisted path, or its last component (default: all)")
     m = sub.add_parser("rpm", help="write (and build, where rpmbuild exists) an RPM that "
                        "installs VERSION and switches the image to it")
-    m.add_argument("name")
+    m.add_argument("name", help="allowlisted path, or its last component")
     m.add_argument("version", help="a version directory name of this image")
     m.add_argument("--out", default=".", help="where the spec and rpmbuild's tree go")
     m.add_argument("--no-build", action="store_true", help="write the spec only")
     g = sub.add_parser("gc", help="remove old versions no running job uses")
-    g.add_argument("name")
+    g.add_argument("name", help="allowlisted path, or its last component")
     g.add_argument("--keep", type=int, required=True, help="newest versions to keep")
-    g.add_argument("--dry-run", action="store_true")
+    g.add_argument("--dry-run", action="store_true", help="only say what would be removed")
 
 
 def main_image(cfg: Config, args: "Any") -> int:
@@ -586,7 +554,15 @@ def main_image(cfg: Config, args: "Any") -> int:
     ensure_layout(cfg.state_dir)
     cmd = args.image_command
     if cmd == "audit":
-        result = audit(cfg, os.path.abspath(args.path), args.strip_setuid)
+        if args.add_mount_points:
+            try:
+                for made in add_mount_points(cfg, os.path.abspath(args.path)):
+                    print(f"made mount point {made}")
+            except OSError as e:
+                raise UserError(f"can't add mount points to {args.path}: {e.strerror} (a "
+                                "staged version is read-only: deploy a new version, or wait "
+                                "until its jobs have left)") from e
+        result = audit(cfg, os.path.abspath(args.path), args.strip_setuid, args.force)
         for problem in result.problems:
             print(f"FAIL {problem}")
         for f in result.setuid:
@@ -606,16 +582,17 @@ def main_image(cfg: Config, args: "Any") -> int:
         version, result = build(cfg, img, method, {
             "suite": args.debootstrap, "mirror": args.mirror, "repo": args.repo,
             "packages": args.package or ["bash", "coreutils"],
-            "releasever": args.releasever, "strip_setuid": args.strip_setuid})
+            "releasever": args.releasever, "strip_setuid": args.strip_setuid,
+            "force": args.force})
         _say_setuid(result, print)
         print(f"built {version}; switch to it: pbs-chroot image deploy {img.path} {version}")
         return 0
     if cmd == "rpm":
         return _rpm(cfg, img, args.version, os.path.abspath(args.out), not args.no_build)
     if cmd == "deploy":
-        deploy(cfg, img, args.source, args.strip_setuid)
+        deploy(cfg, img, args.source, args.strip_setuid, force=args.force)
     elif cmd == "rollback":
-        rollback(cfg, img, args.version)
+        rollback(cfg, img, args.version, force=args.force)
     else:
         gc(cfg, img, args.keep, args.dry_run)
     return 0

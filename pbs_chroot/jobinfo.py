@@ -30,6 +30,10 @@ __all__ = [
 
 SOURCES = ("auto", "pbs_python", "qstat")
 
+# JobVariables fields read besides Variable_List: qstat's XML tags (pbs_python's names).
+_ATTRS = {"shell": "Shell_Path_List", "error_path": "Error_Path", "output_path": "Output_Path",
+          "join": "Join_Path"}
+
 _USER_MSG = "can't start the job: can't read its variables from the batch server"
 _QSTAT_ENV = {"PATH": "/bin:/usr/bin", "LC_ALL": "C"}
 _MAX_REPLY = 16 * 1024 * 1024  # bytes accepted from the pbs_python child
@@ -43,13 +47,23 @@ _XML_BAD = {c: 0xFFFD for c in list(range(0x20)) + [0xFFFE, 0xFFFF] if c not in 
 
 
 class JobVariables(Record):
-    """A job's Variable_List: unescaped (name, value) pairs and the raw server text."""
+    """A job's Variable_List: unescaped (name, value) pairs and the raw server text.
 
-    __slots__ = ("entries", "raw")
+    With the attributes the prologue needs to speak to the user: the job's
+    shell (Shell_Path_List) and its output files (Error_Path, Output_Path,
+    Join_Path), as the server holds them ('' when unset).
+    """
 
-    def __init__(self, entries: tuple[tuple[str, str], ...], raw: str) -> None:
+    __slots__ = ("entries", "raw", "shell", "error_path", "output_path", "join")
+
+    def __init__(self, entries: tuple[tuple[str, str], ...], raw: str, shell: str = "",
+                 error_path: str = "", output_path: str = "", join: str = "") -> None:
         self.entries = entries
         self.raw = raw
+        self.shell = shell
+        self.error_path = error_path
+        self.output_path = output_path
+        self.join = join
 
 
 def _unescape_split(text: str) -> list[str]:
@@ -177,7 +191,9 @@ def parse_qstat_xml(data: bytes, job_id: str) -> JobVariables:
     if varlists[0].children:
         raise fail("<Variable_List> has child elements")
     raw = varlists[0].text
-    return JobVariables(entries=parse_variable_list(raw), raw=raw)
+    job = mine[0]
+    return JobVariables(entries=parse_variable_list(raw), raw=raw,
+                        **{k: job.findtext(tag) or "" for k, tag in _ATTRS.items()})
 
 
 def read_variables(job_id: str, *, source: str, qstat: str, timeout: float) -> JobVariables:
@@ -265,18 +281,22 @@ def _read_pbs_python(job_id: str, timeout: float) -> JobVariables:
     finally:
         os.close(rfd)
     status = _wait_child(pid, deadline, job_id)
-    raw = _decode_reply(data, status, job_id)
-    return JobVariables(entries=parse_variable_list(raw), raw=raw)
+    raw, attrs = _decode_reply(data, status, job_id)
+    return JobVariables(entries=parse_variable_list(raw), raw=raw,
+                        **{k: attrs.get(tag, "") for k, tag in _ATTRS.items()})
 
 
-def _decode_reply(data: bytes, status: int, job_id: str) -> str:
+def _decode_reply(data: bytes, status: int, job_id: str) -> tuple[str, dict[str, str]]:
     try:
         reply = jsonio.loads(data.decode("utf-8")) if data else {}
     except ValueError as e:
         raise _pbs_fail(job_id, f"garbled reply from the query child: {e}") from e
     if isinstance(reply, dict) and isinstance(reply.get("raw"), str):
         raw: str = reply["raw"]
-        return raw
+        attrs = reply.get("attrs")
+        if not isinstance(attrs, dict):
+            attrs = {}
+        return raw, {k: v for k, v in attrs.items() if isinstance(v, str)}
     if isinstance(reply, dict) and isinstance(reply.get("error"), str):
         raise _pbs_fail(job_id, reply["error"])
     how = (f"killed by signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status)
@@ -293,7 +313,8 @@ def _child_statjob(pbs: Any, job_id: str, wfd: int) -> NoReturn:
     code = 1
     try:
         try:
-            msg = {"raw": _statjob_raw(pbs, job_id)}
+            raw, attrs = _statjob_raw(pbs, job_id)
+            msg = {"raw": raw, "attrs": attrs}
         except _PbsCallError as e:
             msg = {"error": str(e)}
         except Exception as e:  # the site's C module: report anything it raises
@@ -307,7 +328,7 @@ def _child_statjob(pbs: Any, job_id: str, wfd: int) -> NoReturn:
         os._exit(code)
 
 
-def _statjob_raw(pbs: Any, job_id: str) -> str:
+def _statjob_raw(pbs: Any, job_id: str) -> tuple[str, dict[str, str]]:
     server = pbs.pbs_default()
     if not server:
         raise _PbsCallError("pbs_default() gave no server name (check PBS_HOME/server_name)")
@@ -315,8 +336,10 @@ def _statjob_raw(pbs: Any, job_id: str) -> str:
     if conn < 0:
         raise _PbsCallError(f"pbs_connect({server!r}) failed: {_pbs_error(pbs)}")
     try:
-        attrl = pbs.new_attrl(1)
-        attrl[0].name = pbs.ATTR_v
+        wanted = [pbs.ATTR_v] + list(_ATTRS.values())
+        attrl = pbs.new_attrl(len(wanted))
+        for slot, name in zip(attrl, wanted):
+            slot.name = name
         statuses = pbs.pbs_statjob(conn, job_id, attrl, None)
         mine = [s for s in statuses or [] if s.name == job_id]
         if len(mine) != 1:
@@ -327,12 +350,17 @@ def _statjob_raw(pbs: Any, job_id: str) -> str:
         if len(values) != 1:
             raise _PbsCallError(f"pbs_statjob({job_id!r}) on {server!r}: expected one "
                                 f"{pbs.ATTR_v} attribute, got {len(values)}")
-        value = values[0]
-        if isinstance(value, bytes):
-            return value.decode("utf-8", "surrogateescape")
-        return str(value or "")
+        attrs = {a.name: _text(a.value) for a in mine[0].attribs or []
+                 if a.name in _ATTRS.values()}
+        return _text(values[0]), attrs
     finally:
         pbs.pbs_disconnect(conn)
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "surrogateescape")
+    return str(value or "")
 
 
 def _pbs_error(pbs: Any) -> str:

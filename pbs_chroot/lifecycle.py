@@ -46,10 +46,12 @@ class Job(Record):
 
 
 def start_job(cfg: Config, job: Job, image: Optional[str],
-              attach_pid: Optional[int]) -> Optional[str]:
+              attach_pid: Optional[int], tasks_of: Optional[int] = None) -> Optional[str]:
     """Record the job, make its cgroup, join its stage, attach its process; undo on failure.
 
-    Returns the image version the job's stage is of (resolved under the node lock).
+    ``tasks_of``: pbs_mom's pid, for a job on several nodes: its TM tasks on
+    this node are adopted into the job's cgroup (adopt.py). Returns the image
+    version the job's stage is of (resolved under the node lock).
     """
     version = None
     record: dict[str, Any] = {"job_id": job.job_id, "user": job.user, "group": job.group,
@@ -73,6 +75,8 @@ def start_job(cfg: Config, job: Job, image: Optional[str],
             save_record(cfg.state_dir, record)
             cg.attach(attach_pid)
             faults.point("attached")
+        if cg is not None and tasks_of is not None and record["cgroup"]["owned"]:
+            _start_adopter(cfg, job.job_id, tasks_of, cg, record, undo)
         record["started"] = True
         save_record(cfg.state_dir, record)
         undo.pop_all()
@@ -99,6 +103,53 @@ def _make_cgroup(cfg: Config, job: Job, record: dict[str, Any],
     return cg
 
 
+def _start_adopter(cfg: Config, job_id: str, mom_pid: int, cg: cgroups.JobCgroup,
+                   record: dict[str, Any], undo: Undo) -> None:
+    from . import adopt
+    from .state import record_path
+    path = record_path(cfg.state_dir, job_id)
+    pid, starttime = adopt.start(job_id, mom_pid, cg, lambda: os.path.exists(path),
+                                 lambda other: _owned_cgroup(cfg, other),
+                                 lambda other: _owner_uid(cfg, other))
+    undo.callback(adopt.stop, pid, starttime)
+    record["adopter"] = {"pid": pid, "start": starttime, "mom": mom_pid}
+    save_record(cfg.state_dir, record)
+    faults.point("adopter_started")
+
+
+def _owner_uid(cfg: Config, job_id: str) -> Optional[int]:
+    """The uid of the user of ``job_id`` on this node, from its record (None: unknown)."""
+    import pwd
+    from .state import is_job_id
+    try:
+        record = load_record(cfg.state_dir, job_id) if is_job_id(job_id) else None
+        return pwd.getpwnam(record["user"]).pw_uid if record else None
+    except (PbsChrootError, KeyError, TypeError):
+        return None
+
+
+def _owned_cgroup(cfg: Config, job_id: str) -> Optional[cgroups.JobCgroup]:
+    """The cgroup pbs_chroot made for ``job_id`` on this node, if the job has one."""
+    from .state import is_job_id
+    if not is_job_id(job_id):
+        return None
+    try:
+        record = load_record(cfg.state_dir, job_id)
+    except PbsChrootError:
+        return None
+    if record is None or not isinstance(record.get("cgroup"), dict) \
+            or not record["cgroup"].get("owned"):
+        return None
+    return job_cgroup_of(record)
+
+
+def _stop_adopter(record: dict[str, Any]) -> None:
+    info = record.get("adopter")
+    if isinstance(info, dict) and isinstance(info.get("pid"), int):
+        from . import adopt
+        adopt.stop(info["pid"], info.get("start") or 0)
+
+
 def job_cgroup_of(record: dict[str, Any]) -> Optional[cgroups.JobCgroup]:
     """The cgroup a job record names, or None."""
     info = record.get("cgroup")
@@ -110,7 +161,8 @@ def job_cgroup_of(record: dict[str, Any]) -> Optional[cgroups.JobCgroup]:
 
 
 def end_job(cfg: Config, job_id: str, exit_status: str = "",
-            recovered: bool = False) -> Optional[dict[str, Any]]:
+            recovered: bool = False,
+            extra: Optional[dict[str, Any]] = None) -> Optional[dict[str, Any]]:
     """Undo whatever start_job() got done for ``job_id``; idempotent.
 
     Returns the accounting record written (None if the job had no record).
@@ -122,6 +174,7 @@ def end_job(cfg: Config, job_id: str, exit_status: str = "",
         return None
     cg = job_cgroup_of(record)
     acct = None
+    _stop_adopter(record)  # nothing is moved into the cgroup while it is killed
     if record.get("stage"):  # where the job may have run: all it joined
         record["versions"] = stage.memberships(cfg, job_id)
     if cg is not None and cg.exists():
@@ -130,7 +183,8 @@ def end_job(cfg: Config, job_id: str, exit_status: str = "",
             log.info("job %s: killed %d process(es) left in its cgroup", job_id, n)
         faults.point("end:killed")
         if not record.get("accounted"):
-            acct = _account(cfg, record, cg.usage(), cg.version, exit_status, recovered)
+            acct = _account(cfg, record, cg.usage(), cg.version, exit_status, recovered,
+                            extra or {})
             faults.point("end:accounted")
             record["accounted"] = True
             save_record(cfg.state_dir, record)
@@ -148,7 +202,8 @@ def end_job(cfg: Config, job_id: str, exit_status: str = "",
 
 
 def _account(cfg: Config, record: dict[str, Any], usage: cgroups.Usage, version: int,
-             exit_status: str, recovered: bool = False) -> dict[str, Any]:
+             exit_status: str, recovered: bool = False,
+             extra: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     from . import accounting
     acct = {"job_id": record["job_id"], "user": record.get("user"),
             "group": record.get("group"), "queue": record.get("queue"),
@@ -157,7 +212,7 @@ def _account(cfg: Config, record: dict[str, Any], usage: cgroups.Usage, version:
             **_switched(record),
             "start": record.get("start"), "end": time.time(),
             "exit": _exit_code(exit_status),
-            "cgroup_version": version, **usage._asdict()}
+            "cgroup_version": version, **usage._asdict(), **(extra or {})}
     if recovered:  # finished by the reconciler, not by the job's epilogue
         acct["recovered"] = True
     accounting.append(cfg.accounting_log, acct)

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
                     Optional[TracebackType]]
 
 __all__ = ["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL", "Logger", "get_logger", "setup",
-           "use_socket"]
+           "use_socket", "syslog_only"]
 
 DEBUG, INFO, WARNING, ERROR, CRITICAL = 10, 20, 30, 40, 50  # logging's levels
 _DAEMON = 3  # syslog(3) LOG_DAEMON
@@ -61,7 +61,7 @@ class _Syslog:
             self.sock.close()
             self.sock = None
 
-    def emit(self, level: int, text: str) -> None:
+    def emit(self, level: int, text: str, fallback: bool = True) -> None:
         msg = f"{self.ident}[{os.getpid()}]: {text}"
         prio = _DAEMON << 3 | _SEVERITY.get(level, 6)
         try:
@@ -79,7 +79,7 @@ class _Syslog:
                 pass
             except OSError:
                 self.reset()
-        if level >= WARNING:
+        if level >= WARNING and fallback:
             sys.stderr.write(f"{msg}\n")
 
 
@@ -131,6 +131,15 @@ class Logger:
     def exception(self, msg: str, *args: Any) -> None:
         """An error, with the traceback of the exception being handled."""
         _emit(ERROR, msg, args, sys.exc_info())
+
+
+def syslog_only(level: int, msg: str) -> None:
+    """One line to syslog and nowhere else (for a caller that prints it itself)."""
+    try:
+        if _sink is not None:
+            _sink.emit(level, msg, fallback=False)
+    except Exception:
+        pass
 
 
 def get_logger(name: str) -> Logger:

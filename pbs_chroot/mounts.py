@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from .config import BindSpec
 
 __all__ = ["MountInfo", "MountStep", "read_mountinfo", "mounts_below", "check_base", "plan",
-           "apply", "mount_step", "teardown", "verify"]
+           "apply", "mount_step", "teardown", "verify", "with_mount_points", "ADD_MOUNT_POINTS"]
 
 log = get_logger(__name__)
 
@@ -148,6 +148,40 @@ def plan(version: str, binds: Sequence[BindSpec]) -> list[MountStep]:
     return steps
 
 
+ADD_MOUNT_POINTS = "pbs-chroot image audit {version} --add-mount-points"
+
+
+def with_mount_points(version: str, steps: Sequence[MountStep],
+                      required: str = "") -> list[MountStep]:
+    """The steps whose mount point the image version has: a version is never written at
+    job time (its mount points come from `image build`/`deploy`, or the command below).
+
+    A missing one is a site fault naming that command; an optional bind's is skipped
+    with a warning, except ``required`` (pbs_mom's job directory: every job needs it).
+    """
+    fd = os.open(version, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    kept = []
+    try:
+        for step in steps:
+            try:
+                os.close(open_in_root(fd, step.spec.target))
+            except UnsafePathError as e:
+                raise MountError(f"stage {version}: {e.detail}") from e
+            except (FileNotFoundError, NotADirectoryError):
+                fix = ADD_MOUNT_POINTS.format(version=version)
+                if step.spec.optional and step.spec.target != required:
+                    log.warning("stage %s: optional bind %s skipped: its mount point is missing "
+                                "in the image (add it: %s)", version, step.spec.target, fix)
+                    continue
+                raise MountError(f"stage {version}: mount point {step.spec.target} is missing "
+                                 f"in the image; add it with `{fix}` (image build and "
+                                 "deploy add them to new versions)") from None
+            kept.append(step)
+    finally:
+        os.close(fd)
+    return kept
+
+
 def apply(version: str, steps: Sequence[MountStep], keep: frozenset[int] = frozenset()) -> None:
     """Mount the stage: all of it, or (on error) none of it.
 
@@ -171,10 +205,10 @@ def apply(version: str, steps: Sequence[MountStep], keep: frozenset[int] = froze
 
 
 def mount_step(version: str, step: MountStep) -> None:
-    """Add one mount to a stage that is up (its mount point must exist in the image)."""
+    """Add one mount to a stage that is up (homes.py: its mount point made there first)."""
     root_fd = os.open(version, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
-        _mount_step(root_fd, version, step)
+        _mount_step(root_fd, version, step, create=True)
     finally:
         os.close(root_fd)
 
@@ -192,16 +226,18 @@ def _self_bind(version: str) -> None:
     _call(_sys.mount, version, None, version, None, _sys.MS_SLAVE | _sys.MS_REC)
 
 
-def _mount_step(root_fd: int, version: str, step: MountStep) -> None:
+def _mount_step(root_fd: int, version: str, step: MountStep, create: bool = False) -> None:
     from . import _sys
     spec = step.spec
     try:
-        tfd = open_in_root(root_fd, spec.target, "file" if step.is_file else "dir")
+        tfd = open_in_root(root_fd, spec.target,
+                           ("file" if step.is_file else "dir") if create else None)
     except UnsafePathError as e:
         raise MountError(f"stage {version}: {e.detail}") from e
     except OSError as e:
-        raise MountError(f"stage {version}: can't make mount point {spec.target}: "
-                         f"{e.strerror}") from e
+        raise MountError(f"stage {version}: can't open mount point {spec.target}: "
+                         f"{e.strerror}; add it with "
+                         f"`{ADD_MOUNT_POINTS.format(version=version)}`") from e
     try:
         where = f"/proc/self/fd/{tfd}"
         if spec.source == "proc":

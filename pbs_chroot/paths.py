@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from typing import Optional
 
 __all__ = ["check_admin_stat", "resolve_admin_path", "check_version_private",
-           "check_versions_dir", "open_in_root"]
+           "check_versions_dir", "open_in_root", "resolve_in_tree"]
 
 _MAX_LINKS = 40
 _O_PATH = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -173,3 +173,29 @@ def _make(dfd: int, name: str, kind: str) -> None:
         os.fchmod(fd, mode)
     finally:
         os.close(fd)
+
+
+def resolve_in_tree(root: str, path: str, hops: int = 40) -> Optional[str]:
+    """Where ``path`` of the tree at ``root`` is on the host, its symlinks resolved inside
+    the tree (an absolute link is taken from ``root``, ``..`` stops at it); None if it does
+    not exist. For the admin's audit of an image, not for anything a user controls."""
+    parts = [p for p in path.split("/") if p]
+    done: list[str] = []
+    while parts:
+        name = parts.pop(0)
+        if name in (".", ".."):
+            done = done[:-1] if name == ".." else done
+            continue
+        here = os.path.join(root, *done, name)
+        if os.path.islink(here):
+            hops -= 1
+            if hops <= 0:
+                return None
+            link = os.readlink(here)
+            done = [] if link.startswith("/") else done
+            parts = [p for p in link.split("/") if p] + parts
+            continue
+        if not os.path.lexists(here):
+            return None
+        done.append(name)
+    return os.path.join(root, *done)

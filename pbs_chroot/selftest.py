@@ -52,6 +52,11 @@ def run_selftest(cfg: Config, user: str, write: Callable[[str], None]) -> int:
         failed += not ok
         write(f"{'PASS' if ok else 'FAIL'}  {name}: {detail}")
     report("config", True, f"{cfg.path}: {len(cfg.images)} image(s)")
+    from .starter import node_problem
+    problem = node_problem(cfg)
+    report("job starter (no_new_privs for Torque jobs)", not problem,
+           problem or (f"{cfg.job_starter} in {cfg.pbs_home}/mom_priv/config"
+                       if cfg.job_starter else "not a Torque mom: the shim sets it"))
     _check_gate(cfg, user, report)
     for image in cfg.images:
         try:
@@ -114,20 +119,27 @@ def _stage_probe(cfg: Config, image: str, version: str, user: str) -> str:
     from . import stage
     from .state import ensure_layout
     tmp = tempfile.mkdtemp(prefix="pbs_chroot-selftest.")
+    outside = _outside_process(user)  # e.g. the user's ssh login on this node
     try:
         own = cfg._replace(state_dir=tmp, cgroups=False)
         ensure_layout(tmp)
         job = f"selftest-{os.getpid()}"
-        stage.join(own, job, version)
+        stage.join(own, job, version, user, image)
         try:
+            probes = ESCAPE_PROBES + _outside_probes(outside)
             script = "; ".join(f'( {c} ) >/dev/null 2>&1 && echo "ESCAPED {w}"'
-                               for c, w in ESCAPE_PROBES) + "; echo done"
-            res = subprocess.run([sys.executable, "-I", "-m", "pbs_chroot.shim", "--root",
-                                  version, "--user", user, "--", "/bin/sh", "-c", script],
-                                 capture_output=True, text=True, timeout=60)
+                               for c, w in probes) + "; echo done"
+            if cfg.job_starter:  # as pbs_mom starts a job: its $job_starter, in the image
+                res = _as_torque(version, user, [cfg.job_starter, "/bin/sh", "-c", script])
+            else:
+                res = subprocess.run([sys.executable, "-I", "-m", "pbs_chroot.shim", "--root",
+                                      version, "--user", user, "--", "/bin/sh", "-c", script],
+                                     capture_output=True, text=True, timeout=60)
         finally:
             stage.leave(own, job, version)
     finally:
+        os.kill(outside, 9)
+        os.waitpid(outside, 0)
         shutil.rmtree(tmp, ignore_errors=True)
     escaped = [x[8:] for x in res.stdout.splitlines() if x.startswith("ESCAPED")]
     if res.returncode != 0 or "done" not in res.stdout:
@@ -135,7 +147,53 @@ def _stage_probe(cfg: Config, image: str, version: str, user: str) -> str:
                              f"{gate.show(res.stderr.strip())}")
     if escaped:
         raise PbsChrootError(f"{len(escaped)} escape(s): {', '.join(escaped)}")
-    return f"stage built and torn down; {len(ESCAPE_PROBES)} escapes tried as {user}, 0 worked"
+    how = "through the job starter" if cfg.job_starter else "through the shim"
+    return (f"stage built and torn down; {len(probes)} escapes tried as {user} {how}, "
+            "0 worked")
+
+
+def _outside_probes(pid: int) -> tuple:
+    """Through /proc/PID/root of a process of the job's user outside the chroot: the host's
+    setuid programs (loading the image's ld.so, libc and PAM) and the host's files."""
+    root = f"/proc/{pid}/root"
+    return (
+        ("! grep -q '^NoNewPrivs:[[:space:]]*1' /proc/self/status", "no no_new_privs"),
+        (f"test \"$({root}/usr/bin/su root -c 'id -u' </dev/null 2>/dev/null)\" = 0",
+         "the host's su through /proc/PID/root"),
+        (f"touch {root}/etc/pbs-chroot-selftest", "write the host's /etc through /proc/PID/root"),
+    )
+
+
+def _outside_process(user: str) -> int:
+    """A process of ``user`` on the host, outside any chroot (a sleep); its pid."""
+    import pwd
+    pw = pwd.getpwnam(user)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setgroups([])
+            os.setgid(pw.pw_gid)
+            os.setuid(pw.pw_uid)
+            os.execv("/bin/sleep", ["sleep", "120"])
+        finally:
+            os._exit(127)
+    return pid
+
+
+def _as_torque(version: str, user: str, argv: list) -> "subprocess.CompletedProcess[str]":
+    """What pbs_mom does for a job: chroot, drop to the user (no no_new_privs of its own),
+    exec $job_starter with the shell; the starter in the stage must set it."""
+    import pwd
+    pw = pwd.getpwnam(user)
+
+    def enter() -> None:
+        os.chroot(version)
+        os.chdir("/")
+        os.setgroups(os.getgrouplist(pw.pw_name, pw.pw_gid))
+        os.setgid(pw.pw_gid)
+        os.setuid(pw.pw_uid)
+    return subprocess.run(argv, preexec_fn=enter, capture_output=True, text=True, timeout=60,
+                          env={"PATH": "/bin:/usr/bin", "HOME": "/"})
 
 
 def _cgroup_probe(cfg: Config) -> tuple:
@@ -162,3 +220,5 @@ def _cgroup_probe(cfg: Config) -> tuple:
                 cg.remove()
             except PbsChrootError:
                 pass
+        if cg is not None:
+            cgroups.remove_parent_if_empty(cgroups.detect(), cfg.cgroup_parent)

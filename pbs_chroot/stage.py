@@ -16,7 +16,7 @@ from . import entry, faults, gate, homes, identity, mounts
 from .config import BindSpec
 from .errors import StateError
 from .log import get_logger
-from .paths import check_version_private, resolve_admin_path
+from .paths import check_version_private, resolve_admin_path, resolve_in_tree
 from .state import check_job_id, node_lock, read_json, write_json
 
 TYPE_CHECKING = False
@@ -25,13 +25,18 @@ if TYPE_CHECKING:
 
     from .config import Config
 
-__all__ = ["stage_dir", "bind_set", "join", "join_image", "join_locked", "leave", "leave_all",
-           "sweep", "members", "memberships", "version_of"]
+__all__ = ["stage_dir", "bind_set", "all_binds", "jobs_dir", "join", "join_image",
+           "join_locked", "leave", "leave_all", "sweep", "members", "memberships", "version_of"]
 
 log = get_logger(__name__)
 
 _AUDIT_SECONDS = 10
 _ID_FILES = ("/etc/passwd", "/etc/group")
+_SHADOW_FILES = ("/etc/shadow", "/etc/gshadow")
+# Where Torque installs pbs_demux (its DEMUX path: --sbindir of a package or of
+# a build from source).
+DEMUX_PATHS = ("/usr/sbin/pbs_demux", "/usr/local/sbin/pbs_demux", "/sbin/pbs_demux",
+               "/opt/torque/sbin/pbs_demux")
 _NSCD = "/var/run/nscd"
 
 
@@ -44,21 +49,49 @@ def stage_dir(cfg: Config, version: str) -> str:
     return os.path.join(cfg.state_dir, "stages", name)
 
 
-def bind_set(cfg: Config, sdir: str = "", mode: str = "host") -> tuple[BindSpec, ...]:
+def jobs_dir(cfg: Config) -> str:
+    """pbs_mom's job directory (the job script is there): in every stage."""
+    return os.path.join(cfg.pbs_home, "mom_priv", "jobs")
+
+
+def all_binds(cfg: Config) -> tuple[BindSpec, ...]:
+    """Every bind a stage of this node may have, whatever an image's identity mode:
+    what `image build`/`deploy` make mount points for."""
+    seen: dict[str, BindSpec] = {}
+    for mode in ("host", "generated", "nscd"):
+        for spec in bind_set(cfg, GENERATED_SDIR, mode):
+            seen.setdefault(spec.target, spec)
+    return tuple(seen.values())
+
+
+# Stands for a stage's own directory in all_binds(): the files there are the stage's.
+GENERATED_SDIR = "/nonexistent/pbs_chroot-stage"
+
+
+def bind_set(cfg: Config, sdir: str = "", mode: str = "host",
+             version: str = "") -> tuple[BindSpec, ...]:
     """The config's binds plus Torque's job directory, read-only (the job script is there).
 
     Not noexec: the job's shell reads the script's path on stdin and executes it.
     mode (identity.MODES) "generated": /etc/passwd and /etc/group come from the
-    stage's own files in ``sdir``; "nscd": the image keeps its own files and
+    stage's own files in ``sdir``, and so do /etc/shadow and /etc/gshadow where
+    the image at ``version`` has them; "nscd": the image keeps its own files and
     gets the host's nscd socket directory; "host": the config's binds as they are.
     """
-    jobs = os.path.join(cfg.pbs_home, "mom_priv", "jobs")
+    jobs = jobs_dir(cfg)
     binds = cfg.binds
     if mode != "host":
         binds = tuple(b for b in binds if b.target not in _ID_FILES)
     if mode == "generated":
         binds += tuple(BindSpec(target=t, source=os.path.join(sdir, os.path.basename(t)),
                                 readonly=True, noexec=True) for t in _ID_FILES)
+        # Every password locked: nothing in the image can authenticate as anyone.
+        # Only over the files the image has (``version``): a missing one holds
+        # no password to cover, and the version is never written to for it.
+        binds = tuple(b for b in binds if b.target not in _SHADOW_FILES)
+        binds += tuple(BindSpec(target=t, source=os.path.join(sdir, os.path.basename(t)),
+                                readonly=True, noexec=True, optional=True)
+                       for t in _SHADOW_FILES if version and os.path.lexists(version + t))
     elif mode == "nscd" and not any(b.target == _NSCD for b in binds):
         binds += (BindSpec(target=_NSCD, source=_NSCD, readonly=True, optional=True),)
     if cfg.tmpdir and not any(b.target == cfg.tmpdir for b in binds):
@@ -66,7 +99,27 @@ def bind_set(cfg: Config, sdir: str = "", mode: str = "host") -> tuple[BindSpec,
         # bound whole (rec), so jobs that start later find theirs without a
         # mount of their own, at the same path as on the host.
         binds += (BindSpec(target=cfg.tmpdir, source=cfg.tmpdir, rec=True),)
+    if cfg.job_starter:
+        # pbs_mom execs $job_starter inside the chroot: here it is the one that
+        # sets no_new_privs (starter/job_starter.c).
+        binds += (BindSpec(target=cfg.job_starter, source=cfg.nnp_starter(), readonly=True),)
+        # For a job on several nodes pbs_mom also execs its pbs_demux in the
+        # image, as the user, and not through the starter: a pbs_demux of the
+        # image's would run without no_new_privs. The starter covers it; run
+        # with no arguments it execs nothing.
+        binds += tuple(BindSpec(target=d, source=cfg.nnp_starter(), readonly=True)
+                       for d in _demux_in(version))
     return binds + (BindSpec(target=jobs, source=jobs, readonly=True, optional=True),)
+
+
+def _demux_in(version: str) -> list[str]:
+    """The pbs_demux files of the image at ``version``, as paths inside it, links resolved."""
+    found = []
+    for path in DEMUX_PATHS if version else ():
+        real = resolve_in_tree(version, path)
+        if real is not None and os.path.isfile(real):
+            found.append(real[len(version.rstrip("/")):])
+    return sorted(set(found))
 
 
 def members(sdir: str) -> list[str]:
@@ -112,7 +165,8 @@ def join_locked(cfg: Config, job_ids: Sequence[str], version: str,
     mode = cfg.identity_of(image)
     if mode == "generated":
         identity.prepare(sdir)
-    steps = mounts.plan(version, bind_set(cfg, sdir, mode))
+    steps = mounts.with_mount_points(
+        version, mounts.plan(version, bind_set(cfg, sdir, mode, version)), jobs_dir(cfg))
     info = read_json(os.path.join(sdir, "info.json"))
     problem = _problem(info, version, steps)
     if problem and _in_use(sdir, info, version):
@@ -121,6 +175,9 @@ def join_locked(cfg: Config, job_ids: Sequence[str], version: str,
         log.warning("stage %s differs from its plan (%s); %d job(s) use it, so it is "
                     "kept as it is until they have left", version, problem,
                     len(members(sdir)))
+        # ... but a new job never starts without no_new_privs: the starter's
+        # binds are added to it (a stage made before the job starter was).
+        _add_starter_binds(cfg, version, steps, info)
     elif problem:
         _build(cfg, sdir, version, steps, info, mode)
     faults.point("stage:ready")
@@ -134,6 +191,20 @@ def join_locked(cfg: Config, job_ids: Sequence[str], version: str,
         for path in [_home_of(user)] + [d.replace("%u", user) for d in cfg.user_dirs]:
             if path and "/" not in user:
                 homes.ensure_home(version, sdir, path)
+
+
+def _add_starter_binds(cfg: Config, version: str, steps: list[mounts.MountStep],
+                       info: Optional[Any]) -> None:
+    if not cfg.job_starter:
+        return
+    mounted = {m.mount_point for m in mounts.mounts_below(version, mounts.read_mountinfo(),
+                                                          _keep(info))}
+    for step in steps:
+        if step.spec.source == cfg.nnp_starter() and step.target not in mounted:
+            resolve_admin_path(cfg.nnp_starter())
+            mounts.mount_step(version, step)
+            log.warning("stage %s was up without the job starter at %s: bound it there",
+                        version, step.spec.target)
 
 
 def leave(cfg: Config, job_id: str, version: str) -> bool:
@@ -257,6 +328,8 @@ def _build(cfg: Config, sdir: str, version: str, steps: list[mounts.MountStep],
     write_json(os.path.join(sdir, "info.json"), info)  # before the first mount
     faults.point("stage:info_written")
     _report_setuid(cfg, version)
+    if cfg.job_starter:  # every job in the stage will exec it, as the user
+        resolve_admin_path(cfg.nnp_starter())
     if mode == "generated":  # the image's own files, before the stage covers them
         identity.snapshot_image(version, sdir)
     log.info("setting up stage %s: %s", version, "; ".join(s.describe() for s in steps))

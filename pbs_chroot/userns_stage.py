@@ -64,8 +64,13 @@ def binds_for(cfg: Config, mode: str, id_fds: Optional[dict[str, int]]) -> tuple
     from . import stage  # (not for a root-prepared stage: the shim's path stays lean)
     binds = stage.bind_set(cfg, "/nonexistent", mode if id_fds is not None or mode != "generated"
                            else "host")
+    # pbs_mom's $job_starter (and pbs_demux) binds: nothing here execs them, and the
+    # namespace's init sets no_new_privs itself.
+    starter = cfg.nnp_starter() if cfg.job_starter else ""
     out = []
     for spec in binds:
+        if starter and spec.source == starter:
+            continue
         if id_fds is not None and spec.target in id_fds:
             spec = spec._replace(source=f"/proc/self/fd/{id_fds[spec.target]}")
         elif spec.source.startswith("/") and not _reachable(spec.source):

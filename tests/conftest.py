@@ -11,6 +11,7 @@ that is root-owned and not group/other-writable all the way up, which /tmp
 made there, and copies of /etc/passwd and /etc/group with the test users are
 bound over the real ones. All of it vanishes with the process.
 """
+import errno
 import os
 import socket
 import subprocess
@@ -22,6 +23,7 @@ import pytest
 
 from pbs_chroot import config
 from tests import fakes
+from tests.captures import SOURCES
 from tests.momemu import EmuJob, MomEmulator
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,7 +38,7 @@ EXTRA_GROUP, EXTRA_GID = "pbsctx", 64124
 
 def pytest_configure(config: pytest.Config) -> None:
     if os.environ.get("CI") == "true" and not FIXTURES.is_dir():
-        # Elsewhere the tests that need them skip; in CI that would hide them.
+        # The captures are the authority in CI; elsewhere the samples stand in (captures.py).
         raise pytest.UsageError(f"Torque fixtures missing: {FIXTURES} (shared/ beside the repo)")
     if IS_ROOT and not os.environ.get("PBS_CHROOT_TEST_ROOT"):
         _enter_test_namespace(_pick_test_root())
@@ -87,6 +89,26 @@ def tmpfs_root() -> Path:
 
 def home_of(user: str) -> Path:
     return tmpfs_root() / "home" / user
+
+
+def open_to_users(path: Path) -> None:
+    """Make ``path`` and its parents up to the test tmpfs 0755: pytest makes them 0700, and
+    jobs and users on the host need to enter them."""
+    for d in (path, *path.parents):
+        if d == tmpfs_root():
+            break
+        os.chmod(d, 0o755)
+
+
+def starter_dir() -> Path:
+    """The job starters (pbs_chroot/starter/job_starter.c), built once per test run in a
+    root-only directory of the test tmpfs, as `pbs-chroot install` builds them."""
+    from pbs_chroot import starter
+    d = tmpfs_root() / "libexec"
+    if not (d / "job_starter-nnp").exists():
+        d.mkdir(mode=0o755, exist_ok=True)
+        starter.build(str(d))
+    return d
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
@@ -155,6 +177,12 @@ def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
     assert cgroup_children() == [], "cgroups leaked"
 
 
+@pytest.fixture(params=[path for _, path in SOURCES], ids=[name for name, _ in SOURCES])
+def torque_source(request: pytest.FixtureRequest) -> Path:
+    """The Torque 6.1 captures (when beside the repo) and the project's samples (always)."""
+    return Path(request.param)
+
+
 @pytest.fixture(scope="session")
 def image_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A directory holding one real BusyBox image version, built once per session."""
@@ -206,10 +234,7 @@ class Site:
     """Image versions, the allowlisted symlink and a config file under one tmp dir."""
 
     def __init__(self, base: Path, image_src: Path) -> None:
-        for d in (base, *base.parents):  # pytest makes them 0700: jobs on the host need x
-            if d == tmpfs_root():
-                break
-            os.chmod(d, 0o755)
+        open_to_users(base)
         self.base = base
         self.versions = base / "images" / "sl5"
         self.versions.mkdir(parents=True, mode=0o700)
@@ -222,6 +247,10 @@ class Site:
         # this site binds the test users' homes too.
         home = self.version / str(tmpfs_root() / "home").lstrip("/")
         home.mkdir(parents=True, exist_ok=True)
+        # ... and the job starter's, at the path of this site's $job_starter.
+        starter = self.version / str(starter_dir() / "job_starter").lstrip("/")
+        starter.parent.mkdir(parents=True, exist_ok=True)
+        starter.touch()
         (base / "chroot").mkdir(mode=0o755)
         self.image = base / "chroot" / "sl5"       # what users write in PBS_O_ROOTDIR
         self.image.symlink_to(self.version)
@@ -244,11 +273,31 @@ class Site:
                 (str(tmpfs_root() / "home"), f"{tmpfs_root() / 'home'} rec"),))
         text = (f"[pbs_chroot]\nstate_dir = {self.state}\npbs_home = {self.pbs_home}\n"
                 f"syslog_socket = {self.base / 'log.sock'}\ncgroup_parent = {CG_PARENT}\n"
-                f"accounting_log = {self.accounting}\n{main}\n"
+                f"accounting_log = {self.accounting}\n"
+                + ("" if "job_starter =" in main
+                   else f"job_starter = {starter_dir() / 'job_starter'}\n")
+                + f"{main}\n"
                 f"[image {self.image}]\n{images}\n{binds}{extra}")
         self.config.write_text(text)
         os.chmod(self.config, 0o644)
+        self.add_mount_points(self.version)
         return self.config
+
+    def add_mount_points(self, version: Path) -> None:
+        """As an admin does after changing the bind set (`pbs-chroot image audit VERSION
+        --add-mount-points`; build and deploy do it for new versions): a stage never
+        makes them at job time."""
+        from pbs_chroot import images
+        from pbs_chroot.errors import ConfigError
+        try:
+            images.add_mount_points(config.load(str(self.config)), str(version))
+        except ConfigError:
+            pass  # a test of a refused config
+        except OSError as e:
+            if e.errno != errno.EROFS:
+                raise
+            # Staged (read-only): as for an admin, the new mount points come with the next
+            # version; a test that changes binds under a stage makes them beforehand.
 
     def run(self, user: str, script: str, image: Optional[Path] = None
             ) -> subprocess.CompletedProcess:
@@ -287,8 +336,12 @@ class Node:
         self.site, self.syslog = site, syslog
         self.emu = MomEmulator(site.pbs_home, prologue_alarm=60, hook_env=hook_env)
         site.write_config(main=f"qstat = {self.emu.qstat_path}\njob_info = qstat\n")
+        # The test's syslog socket from the start: a refused config's line must not go to
+        # this machine's /dev/log (rsyslog running or not).
         res = pbs_chroot_cli("--config", str(site.config), "install", "--pbs-home",
-                             str(site.pbs_home), "--pbsnodes", str(self.emu.pbsnodes_path))
+                             str(site.pbs_home), "--pbsnodes", str(self.emu.pbsnodes_path),
+                             "--starters", str(starter_dir()),
+                             "--syslog-socket", str(site.base / "log.sock"))
         assert res.returncode == 0, res.stderr
         self.seq = 100
 

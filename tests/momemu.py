@@ -17,6 +17,7 @@ exit 254); the shell is a login shell ("-sh": $source_login_batch defaults to tr
 
 import os
 import shutil
+import stat
 import signal
 import time
 import traceback
@@ -82,6 +83,7 @@ class _Plan:
     shell: str
     argv0: str
     alarm: float
+    job_starter: Optional[str] = None
 
 
 # ---- process helpers (used in forked children and in the emulator) ----
@@ -242,6 +244,13 @@ def _job_child(plan: _Plan, status_fd: int) -> int:
     if code:
         return code & 0xFF
     _reset_signals()
+    if plan.job_starter:
+        # TMomFinalizeChild with $job_starter: STARTER SHELL, the shell's full
+        # path and no login "-" (fixtures: env.job_starter.*, strace_mom_job_children).
+        with suppress(OSError):
+            os.execve(plan.job_starter, [plan.job_starter, plan.shell], plan.job_env)
+        _write(2, f"PBS: exec of job starter '{plan.job_starter[:256]}' failed\n")
+        return 254
     with suppress(OSError):
         os.execve(plan.shell, [plan.argv0], plan.job_env)
     _write(2, f"PBS: exec of shell '{plan.shell[:256]}' failed\n")
@@ -406,7 +415,27 @@ class MomEmulator:
             initdir=ident.home if initdir is None else initdir,
             uid=ident.uid, gid=ident.gid, groups=tuple(os.getgrouplist(ident.user, ident.gid)),
             shell=shell, argv0=("-" + name) if self.source_login_batch else name,
-            alarm=self.prologue_alarm)
+            alarm=self.prologue_alarm, job_starter=self.job_starter())
+
+    def job_starter(self) -> Optional[str]:
+        """$job_starter of mom_priv/config (mom_job_starter)."""
+        return mom_job_starter(self.mom_priv)
+
+
+def mom_job_starter(mom_priv: Path) -> Optional[str]:
+    """$job_starter of mom_priv/config, as pbs_mom's jobstarter() takes it: the last such
+    line, kept only if it stat()s on the host as executable by its owner."""
+    found = None
+    config = mom_priv / "config"
+    for line in config.read_text().splitlines() if config.exists() else []:
+        words = line.split(None, 1)
+        if words and words[0] == "$job_starter" and len(words) == 2:
+            try:
+                ok = os.stat(words[1].strip()).st_mode & stat.S_IXUSR
+            except OSError:
+                ok = 0
+            found = words[1].strip() if ok else found
+    return found
 
 
 def _write_owned(path: str, data: bytes, mode: int, ident: fakes.Identity) -> None:
@@ -437,6 +466,9 @@ class RunningJob:
         self._epilogue_rc: Optional[int] = None
         self._epilogue_done = False
         self._result: Optional[EmuResult] = None
+        # A job on several nodes (tests/multinode.py): called once, after the job shell is
+        # reaped and before the epilogue: KILL_JOB to the sisters, whose obits come first.
+        self.before_epilogue: Optional[Callable[["RunningJob"], None]] = None
 
     def prologue_pid(self) -> Optional[int]:
         """The prologue's pid while it runs, else None."""
@@ -461,7 +493,8 @@ class RunningJob:
         """Advance without blocking; the result once the epilogue is done."""
         if self._result is None:
             self._drain()
-            if (self._status is not None or self._reap_job()) and self._step_epilogue():
+            if (self._status is not None or self._reap_job()) and self._sisters_done() \
+                    and self._step_epilogue():
                 self._result = self._finish()
         return self._result
 
@@ -530,6 +563,12 @@ class RunningJob:
             cput, wall = usage.ru_utime + usage.ru_stime, time.monotonic() - self._t0
             self._used = (f"cput={fakes.hms(cput)},vmem=0kb,walltime={fakes.hms(wall)},"
                           f"mem={usage.ru_maxrss}kb,energy_used=0")
+        return True
+
+    def _sisters_done(self) -> bool:
+        hook, self.before_epilogue = self.before_epilogue, None
+        if hook is not None:
+            hook(self)
         return True
 
     def _step_epilogue(self) -> bool:

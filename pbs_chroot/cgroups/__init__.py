@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from typing import Optional, Sequence
 
 __all__ = ["CONTROLLERS_V1", "Layout", "Limits", "Usage", "JobCgroup", "detect", "job_cgroup",
+           "remove_parent_if_empty",
            "read_file", "write_file", "keyed", "make_dir", "remove_dir"]
 
 # v1 controllers we use; memory and cpuacct are required, the others optional.
@@ -254,6 +255,20 @@ def detect(table: Optional[Sequence[object]] = None) -> Layout:
     if v2 is not None:
         return Layout(2, {}, v2)
     raise CgroupError("no cgroup memory controller mounted (neither v1 nor v2)")
+
+
+def remove_parent_if_empty(layout: Layout, parent: str) -> None:
+    """rmdir our parent cgroup (only its last component) where no job cgroup is left in it.
+
+    For the one-shot commands (`run`, `selftest`) when their job is gone; a prologue
+    that makes a job cgroup meanwhile makes the parent again (create() retries).
+    """
+    tops = sorted(set(layout.v1.values())) if layout.version == 1 else [str(layout.v2)]
+    for top in tops:
+        try:
+            os.rmdir(os.path.join(top, parent))
+        except OSError:
+            pass  # gone, or jobs still in it (EBUSY/ENOTEMPTY): theirs to keep
 
 
 def job_cgroup(layout: Layout, parent: str, job_id: str) -> JobCgroup:

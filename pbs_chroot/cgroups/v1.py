@@ -40,8 +40,16 @@ class CgroupV1(JobCgroup):
 
     def create(self) -> None:
         for path in self._unique_dirs():
-            make_dir(os.path.dirname(path))
-            make_dir(path)
+            for attempt in range(3):
+                make_dir(os.path.dirname(path))
+                try:
+                    make_dir(path)
+                    break
+                except CgroupError:
+                    # Our parent removed between the two mkdirs (remove_parent_if_empty,
+                    # by `run` or `selftest` as their last job ends): make it again.
+                    if attempt == 2 or os.path.isdir(os.path.dirname(path)):
+                        raise
 
     def set_limits(self, limits: Limits) -> None:
         hard = limits.hard_memory()

@@ -37,6 +37,15 @@ class CgroupV2(JobCgroup):
         return os.path.join(self.path, name)
 
     def create(self) -> None:
+        for attempt in range(3):
+            try:
+                return self._create()
+            except CgroupError:
+                # Our parent removed meanwhile (remove_parent_if_empty): make it again.
+                if attempt == 2 or os.path.isdir(self.parent):
+                    raise
+
+    def _create(self) -> None:
         if not os.path.isdir(self.parent):
             make_dir(self.parent)
         available = read_file(os.path.join(self.parent, "cgroup.controllers")).split()

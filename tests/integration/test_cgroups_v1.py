@@ -38,19 +38,27 @@ def acct_line(site: Site, job_id: str) -> dict:
 
 
 def test_cpu_time_is_accounted_within_5_percent(site: Site) -> None:
+    """The job's CPU time as the cgroup counts it: the burner's own, within 5 %, on top of
+    what the same job without the burner costs (the runner's shim starts in the cgroup:
+    its Python start-up is the job's too, and it grows on a loaded machine)."""
     site.write_config()
-    script = ("i=0; while [ $i -lt 400000 ]; do i=$((i+1)); done; "
-              "cat /proc/$$/stat")  # utime and stime of the burner itself, in ticks
-    res = pbs_chroot_cli("--config", str(site.config), "run", "--image", str(site.image),
-                         "--user", USER, "--", "/bin/sh", "-c", script, check=False)
-    assert res.returncode == 0, res.stderr
-    fields = res.stdout.rsplit(")", 1)[1].split()
-    hz = os.sysconf("SC_CLK_TCK")
-    burned = (int(fields[11]) + int(fields[12])) / hz  # utime, stime
-    acct = site.accounting_lines()[-1]
-    reported = (acct["cpu_user_usec"] + acct["cpu_system_usec"]) / 1e6
+
+    def job(loops: int) -> tuple:
+        script = (f"i=0; while [ $i -lt {loops} ]; do i=$((i+1)); done; "
+                  "cat /proc/$$/stat")  # utime and stime of the burner itself, in ticks
+        res = pbs_chroot_cli("--config", str(site.config), "run", "--image", str(site.image),
+                             "--user", USER, "--", "/bin/sh", "-c", script, check=False)
+        assert res.returncode == 0, res.stderr
+        fields = res.stdout.rsplit(")", 1)[1].split()
+        burned = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        acct = site.accounting_lines()[-1]
+        return burned, (acct["cpu_user_usec"] + acct["cpu_system_usec"]) / 1e6, acct
+    _, overhead, _ = job(0)
+    burned, reported, acct = job(400000)
     assert burned > 0.3, "the burner ran too briefly to measure"
-    assert abs(reported - burned) <= 0.05 * burned + 0.02, (reported, burned)
+    assert reported >= burned - 0.02, (reported, burned)  # never less than the burner's
+    assert abs(reported - overhead - burned) <= 0.05 * burned + 0.02, \
+        (reported, overhead, burned)
     assert acct["image"] == str(site.image) and acct["version"] == str(site.version)
 
 

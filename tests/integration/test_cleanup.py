@@ -17,8 +17,8 @@ pytestmark = [pytest.mark.root,
 
 
 def setup_site(site: Site) -> config.Config:
-    site.write_config()
     (site.pbs_home / "mom_priv" / "jobs").mkdir(parents=True)
+    site.write_config()  # (and the mount points, the job directory's with them)
     cfg = config.load(str(site.config))
     ensure_layout(cfg.state_dir)
     return cfg

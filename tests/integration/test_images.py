@@ -246,7 +246,8 @@ def test_image_on_a_read_only_nosuid_tree_like_cvmfs(site: Site) -> None:
         broken = cli(site, "run", "--image", str(repo / "sl5-broken"), "--user", USER, "--",
                      "/bin/true", check=False)
         assert broken.returncode == 1
-        assert "can't make mount point /proc: Read-only file system" in broken.stderr
+        assert "mount point /proc is missing in the image; add it with `pbs-chroot image " \
+            "audit" in broken.stderr
         assert mount_points() == before
         # The same tree writable: world-readable versions are refused again.
         subprocess.run(["mount", "-o", "remount,rw,nosuid", str(repo)], check=True)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pbs_chroot.errors import UserError
-from tests.conftest import Site, pbs_chroot_cli
+from tests.conftest import Site, pbs_chroot_cli, starter_dir
 
 pytestmark = [pytest.mark.root,
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root: chown")]
@@ -96,3 +96,49 @@ def test_library_directory_must_be_root_only(tmp_path: Path) -> None:
     os.chmod(lib / "pbs_chroot" / "hooks.py", 0o666)
     with pytest.raises(UserError, match="hooks.py must be root-owned"):
         check_library(str(lib / "pbs_chroot"))
+
+
+def test_install_builds_the_starters_and_writes_the_job_starter_line(site: Site) -> None:
+    starter = site.base / "libexec" / "job_starter"
+    site.write_config(main=f"job_starter = {starter}\n")
+    mom_priv = site.pbs_home / "mom_priv"
+    mom_priv.mkdir(parents=True)
+    (mom_priv / "config").write_text("$pbsserver vm\n$job_starter_run_privileged false\n")
+    res = install(site)  # no --starters: compiled from the package's C source
+    assert res.returncode == 0, res.stderr
+    assert (mom_priv / "config").read_text() == (
+        f"$pbsserver vm\n$job_starter_run_privileged false\n$job_starter {starter}\n")
+    assert (mom_priv / "config.orig").read_text().startswith("$pbsserver vm\n")
+    assert f"now has `$job_starter {starter}`" in res.stdout
+    for path, mode in ((starter, 0o755), (Path(f"{starter}-nnp"), 0o711)):
+        st = os.stat(path)
+        assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (0, 0, mode)
+    nnp = [subprocess.run([str(path), "/bin/grep", "NoNewPrivs", "/proc/self/status"],
+                          capture_output=True, text=True).stdout
+           for path in (starter, f"{starter}-nnp")]
+    assert nnp == ["NoNewPrivs:\t0\n", "NoNewPrivs:\t1\n"]
+    res = install(site)
+    assert res.returncode == 0 and "already had" in res.stdout
+    res = pbs_chroot_cli("--config", str(site.config), "check", check=False)
+    assert res.returncode == 0 and f"job starter {starter}" in res.stdout
+
+
+@pytest.mark.parametrize("mom_config,message", [
+    ("$job_starter_run_privileged true\n", "starts jobs as root inside their image"),
+    ("$job_starter /opt/site/starter\n", "already starts jobs through `$job_starter "
+                                         "/opt/site/starter`"),
+])
+def test_install_refuses_a_mom_config_that_would_bypass_the_starter(
+        site: Site, mom_config: str, message: str) -> None:
+    site.write_config()
+    mom_priv = site.pbs_home / "mom_priv"
+    mom_priv.mkdir(parents=True)
+    (mom_priv / "config").write_text(mom_config)
+    res = install(site, "--starters", str(starter_dir()))
+    assert res.returncode == 2 and message in res.stderr
+    assert (mom_priv / "config").read_text() == mom_config  # nothing changed
+    assert not (mom_priv / "prologue").exists()
+    if "/opt/site" in mom_config:  # another starter: replaced on request
+        assert install(site, "--starters", str(starter_dir()), "--force").returncode == 0
+        assert f"$job_starter {starter_dir() / 'job_starter'}" in \
+            (mom_priv / "config").read_text()

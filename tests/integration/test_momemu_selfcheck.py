@@ -19,7 +19,7 @@ from typing import Callable, Iterator
 import pytest
 
 from tests import fakes
-from tests.conftest import FIXTURES
+from tests.captures import torque_file
 from tests.momemu import EmuJob, MomEmulator, install_hook
 
 pytestmark = [pytest.mark.root,
@@ -60,10 +60,8 @@ def read_record(record: Path, kind: str, job_id: str) -> dict:
             "uid": int((d / "uid").read_text())}
 
 
-def fixture_keys(name: str) -> list:
-    path = FIXTURES / name
-    if not path.exists():
-        pytest.skip(f"fixture {name} not found")
+def fixture_keys(source: Path, name: str) -> list:
+    path = torque_file(source, name)  # a capture, or the project's sample of it
     return [e.split("=", 1)[0] for e in json.loads(path.read_text())["env_raw_order"]]
 
 
@@ -142,7 +140,8 @@ exit 3
 """
 
 
-def test_hooks_and_job_get_what_pbs_mom_gives(emu: MomEmulator, base: Path) -> None:
+def test_hooks_and_job_get_what_pbs_mom_gives(emu: MomEmulator, base: Path,
+                                              torque_source: Path) -> None:
     install(emu, base)
     job = host_job("101.emu", JOB_SCRIPT)
     running = emu.start(job)
@@ -152,7 +151,8 @@ def test_hooks_and_job_get_what_pbs_mom_gives(emu: MomEmulator, base: Path) -> N
     sc = str(emu.mom_priv / "jobs" / "101.emu.SC")
     assert pro["argv"] == [str(emu.prologue_path), "101.emu", "nobody", "nogroup", "selfcheck",
                            job.resource_list, "batch", "", sc]
-    assert [e.split("=", 1)[0] for e in pro["env"]] == fixture_keys("env.prologue.23.vm.json")
+    assert [e.split("=", 1)[0] for e in pro["env"]] == \
+        fixture_keys(torque_source, "env.prologue.23.vm.json")
     assert f"PBS_NODEFILE={emu.pbs_home}/aux//101.emu" in pro["env"]
     assert (pro["umask"], pro["cwd"], pro["stdin"], pro["uid"]) == (
         "0077", str(emu.mom_priv), "/dev/null", 0)
@@ -161,12 +161,13 @@ def test_hooks_and_job_get_what_pbs_mom_gives(emu: MomEmulator, base: Path) -> N
     assert len(epi["argv"]) == 12 and epi["argv"][11] == sc
     assert epi["argv"][5] == str(running.pid) and epi["argv"][10] == "3"
     assert epi["argv"][7].startswith("cput=") and "walltime=00:00:0" in epi["argv"][7]
-    assert [e.split("=", 1)[0] for e in epi["env"]] == fixture_keys("env.epilogue.23.vm.json")
+    assert [e.split("=", 1)[0] for e in epi["env"]] == \
+        fixture_keys(torque_source, "env.epilogue.23.vm.json")
     assert (epi["umask"], epi["cwd"], epi["stdin"], epi["ppid"]) == (
         "0022", str(emu.mom_priv), "/dev/null", os.getpid())
     assert f"job-uid=65534 job-cwd=/ job-umask=0077 job-ppid={running.pid}" in res.stdout
     env = res.stdout.split("ENV-BEGIN\n")[1].split("ENV-END")[0].splitlines()
-    keys = fixture_keys("env.job_starter.23.vm.json")
+    keys = fixture_keys(torque_source, "env.job_starter.23.vm.json")
     keys[9:9] = ["PBS_O_INITDIR"]                      # our -v list is PBS_O_INITDIR, MYVAR
     assert [e.split("=", 1)[0] for e in env] == keys
     assert "PBS_JOBID=101.emu" in env and "SHELL=/bin/sh" in env and "MYVAR=a,b=" in env

@@ -22,6 +22,7 @@ def test_a_mount_made_under_a_bound_tree_during_the_job_appears_inside(site: Sit
         site.write_config()
         text = site.config.read_text().replace("[binds]\n", f"[binds]\n{tree} = {tree} ro,rec\n")
         site.config.write_text(text)
+        site.add_mount_points(site.version)  # the new bind's (image audit --add-mount-points)
         cfg = config.load(str(site.config))
         ensure_layout(cfg.state_dir)
         v = str(site.version)

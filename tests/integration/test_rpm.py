@@ -535,7 +535,7 @@ def test_image_spec_refusals(site: Site, tmp_path: Path) -> None:
 BUILD_PYTHON = "/usr/bin/python3"
 
 
-def test_project_spec_builds_a_working_noarch_rpm_from_the_sdist(tmp_path: Path) -> None:
+def test_project_spec_builds_a_working_rpm_from_the_sdist(tmp_path: Path) -> None:
     if subprocess.run([BUILD_PYTHON, "-c", "import setuptools, wheel, pip"],
                       capture_output=True).returncode != 0:
         message = ("the spec's BuildRequires are missing: apt-get install python3-pip "
@@ -563,7 +563,9 @@ def test_project_spec_builds_a_working_noarch_rpm_from_the_sdist(tmp_path: Path)
                     "b.build_sdist(sys.argv[1])", str(top / "SOURCES")], cwd=src, check=True,
                    capture_output=True)
     pkg = rpm.build_rpm(str(spec), str(top))
-    assert pkg.endswith(f"pbs_chroot-{version.group(1)}-1.noarch.rpm")
+    # Not noarch: it carries the static job starters.
+    assert re.search(rf"pbs_chroot-{re.escape(version.group(1))}-1\.[a-z0-9_]+\.rpm$", pkg)
+    assert not pkg.endswith(".noarch.rpm")
 
     query = RpmDb(tmp_path).query
     assert "python3-psutil" in query("-p", "--requires", pkg)
@@ -577,6 +579,8 @@ def test_project_spec_builds_a_working_noarch_rpm_from_the_sdist(tmp_path: Path)
     assert {os.path.basename(n) for n in names if "/bin/" in n} == {"pbs-chroot",
                                                                     "pbs-chroot-shim"}
     assert any(n.endswith("/examples/pbs_chroot.conf") and "/doc/" in n for n in names)
+    for name, perms in (("job_starter", "-rwxr-xr-x"), ("job_starter-nnp", "-rwx--x--x")):
+        assert entries[f"/usr/libexec/pbs_chroot/{name}"] == [".", perms, "root"]
 
 
 def test_image_build_installroot_through_the_cli(repo: Repo, site: Site) -> None:

@@ -74,3 +74,55 @@ def test_the_runner_gives_each_job_a_tmpdir_of_its_own(site: Site) -> None:
     tmpdir, listing, owner = res.stdout.splitlines()
     assert tmpdir.startswith(f"{base}/run-") and listing == "f" and owner == f"{UID} 700"
     assert os.listdir(base) == []  # gone with the job
+
+
+def test_run_job_ids_cannot_be_foreseen(site: Site) -> None:
+    site.write_config()
+    ids = []
+    for _ in range(2):
+        res = run_in_image(site, 'echo "$PBS_JOBID"')
+        assert res.returncode == 0, res.stderr
+        ids.append(res.stdout.strip())
+    pid_part = [i.split("-")[1] for i in ids]
+    rand_part = [i.split("-")[2].split(".")[0] for i in ids]
+    assert all(p.isdigit() for p in pid_part)  # the reconciler reads it
+    assert all(len(r) == 12 for r in rand_part) and rand_part[0] != rand_part[1]
+
+
+@pytest.mark.parametrize("planted", ["directory", "symlink"])
+def test_a_name_planted_in_the_tmpdir_base_blocks_no_run(site: Site, planted: str) -> None:
+    """Another user may make any name in a world-writable base first: a directory of
+    theirs, or a symlink to somewhere of theirs. The job gets a fresh directory."""
+    from pbs_chroot.admin import _make_job_tmpdir
+    from tests.conftest import OTHER_UID
+    base = site.base / "scratch"
+    base.mkdir()
+    os.chmod(base, 0o1777)
+    job_id = "run-1-0123456789ab.node"
+    theirs, target = base / job_id, site.base / "elsewhere"
+    target.mkdir()
+    os.chown(target, OTHER_UID, OTHER_UID)
+    if planted == "directory":
+        theirs.mkdir()
+        os.chown(theirs, OTHER_UID, OTHER_UID)
+    else:
+        theirs.symlink_to(target)
+        os.lchown(theirs, OTHER_UID, OTHER_UID)
+    made = _make_job_tmpdir(str(base), job_id, USER)
+    st = os.lstat(made)
+    assert made.startswith(f"{theirs}.") and len(made) == len(str(theirs)) + 9
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (UID, GID, 0o700)
+    assert os.lstat(theirs).st_uid == OTHER_UID and os.listdir(target) == []
+    assert os.stat(target).st_uid == OTHER_UID  # nothing chowned through the link
+    os.rmdir(made)
+
+
+def test_a_tmpdir_base_that_others_may_write_but_is_not_sticky_is_refused(site: Site) -> None:
+    from pbs_chroot.admin import _make_job_tmpdir
+    from pbs_chroot.errors import ConfigError
+    base = site.base / "scratch"
+    base.mkdir()
+    os.chmod(base, 0o777)
+    with pytest.raises(ConfigError, match="not sticky"):
+        _make_job_tmpdir(str(base), "run-1-0123456789ab.node", USER)
+    assert os.listdir(base) == []

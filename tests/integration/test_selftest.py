@@ -17,9 +17,10 @@ def test_selftest_passes_and_leaves_nothing(site: Site) -> None:
     lines = res.stdout.splitlines()
     assert lines[-1] == "all checks passed"
     assert [x.split(":")[0] for x in lines[:-1]] == [
-        "PASS  config", "PASS  gate refuses look-alike values", f"PASS  image {site.image}",
+        "PASS  config", "PASS  job starter (no_new_privs for Torque jobs)",
+        "PASS  gate refuses look-alike values", f"PASS  image {site.image}",
         f"PASS  stage and escapes {site.image}", "PASS  cgroup create/limit/kill/remove"]
-    assert "10 escapes tried as pbsct, 0 worked" in res.stdout
+    assert "13 escapes tried as pbsct through the job starter, 0 worked" in res.stdout
     assert mount_points() == before and cgroup_children() == []
     assert not site.state.exists() or os.listdir(site.state / "stages") == []
 

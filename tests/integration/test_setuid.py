@@ -71,10 +71,16 @@ def test_probe_really_escalates_where_setuid_is_honoured(showids: Path) -> None:
 
 def test_setuid_in_the_stage_gives_no_root_on_torque(site: Site, syslog: Syslog,
                                                      showids: Path) -> None:
-    """pbs_mom sets no no_new_privs: only the stage's nosuid stops it."""
+    """Two layers, each enough alone: the stage's nosuid, and the job starter's no_new_privs
+    (test_proc_root.py shows that one alone, where nosuid does not apply)."""
     node = Node(site, syslog)
     try:
         plant(site, showids)
+        res = node.emu.run(node.job(node.rootdir(), "#!/bin/sh\n/suid/showids\n"))
+        assert res.job_rc == 0, res.stderr
+        assert res.stdout == f"ids {UID} {UID} {UID}\n"
+        config = site.pbs_home / "mom_priv" / "config"
+        config.write_text("")  # the mom without the starter: nosuid alone
         res = node.emu.run(node.job(node.rootdir(), "#!/bin/sh\n/suid/showids\n"))
         assert res.job_rc == 0, res.stderr
         assert res.stdout == f"ids {UID} {UID} {UID}\n"

@@ -35,6 +35,7 @@ def test_site_trees_each_with_its_options(site: Site) -> None:
         f"/etc/pki/tls/certs = {site.base}/no-such-bundle ro,optional\n"
         f"/etc/localtime = {t['tz']} ro,optional\n"
         f"/opt/apps = {t['apps']} ro,noexec\n")))
+    site.add_mount_points(site.version)  # the new binds' (image audit --add-mount-points)
     cfg = config.load(str(site.config))
     ensure_layout(cfg.state_dir)
     v = str(site.version)

@@ -8,10 +8,10 @@ from typing import Iterator
 
 import pytest
 
-from pbs_chroot import _sys, config, mounts, stage
+from pbs_chroot import _sys, config, images, log, mounts, stage
 from pbs_chroot.errors import MountError
 from pbs_chroot.state import ensure_layout
-from tests.conftest import Site, tmpfs_root
+from tests.conftest import Site, Syslog, pbs_chroot_cli, starter_dir, tmpfs_root
 
 pytestmark = [pytest.mark.root,
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root: real mounts")]
@@ -21,8 +21,9 @@ DEFAULT_TARGETS = ["", "/proc", "/sys", "/dev", "/dev/pts", "/dev/shm", "/home",
 
 
 def stage_targets() -> list[str]:
-    """The default bind set plus the test homes that Site.write_config adds."""
-    return DEFAULT_TARGETS + [str(tmpfs_root() / "home")]
+    """The default bind set plus the test homes and the job starter that Site.write_config
+    adds."""
+    return DEFAULT_TARGETS + [str(tmpfs_root() / "home"), str(starter_dir() / "job_starter")]
 
 
 def load(site: Site) -> config.Config:
@@ -96,6 +97,8 @@ def test_stage_in_use_is_never_rebuilt(site: Site) -> None:
     """A damaged stage, or one made before a config change, stays until its jobs leave."""
     cfg = load(site)
     v = str(site.version)
+    (site.version / "data").mkdir()  # the mount point of the bind added below, made by the
+    # admin before (`image audit --add-mount-points`): a stage never writes the version
     stage.join(cfg, "1.vm", v)
     _sys.umount2(v + "/proc")  # damage it while job 1 runs
     first = below(site.version)
@@ -111,7 +114,8 @@ def test_stage_in_use_is_never_rebuilt(site: Site) -> None:
     assert below(site.version) == []
     stage.join(cfg, "3.vm", v)  # the next stage follows the new plan
     assert below(site.version) == [v, v + "/proc", v + "/home", v + "/data", v + "/etc/passwd",
-                                   v + "/etc/group"]  # the generated ones (identity.py)
+                                   v + "/etc/group",  # the generated ones (identity.py)
+                                   v + str(starter_dir() / "job_starter")]
     stage.leave(cfg, "3.vm", v)
 
 
@@ -138,19 +142,56 @@ def test_symlinked_mount_point_in_image_is_refused(site: Site) -> None:
     assert os.listdir(site.state / "stages") == []
 
 
-def test_missing_mount_points_are_created_root_owned(site: Site) -> None:
+def test_missing_mount_point_is_a_site_fault_that_names_the_fix(site: Site) -> None:
+    """A version is never written at job time: no mount point is made by a stage."""
     cfg = load(site)
     (site.version / "proc").rmdir()
-    os.umask(0o077)  # as in the prologue
-    try:
+    before = os.stat(site.version)
+    with pytest.raises(MountError, match=r"mount point /proc is missing in the image; add it "
+                       rf"with `pbs-chroot image audit {site.version} --add-mount-points`"):
         stage.join(cfg, "1.vm", str(site.version))
+    stage.leave(cfg, "1.vm", str(site.version))
+    assert not (site.version / "proc").exists()
+    after = os.stat(site.version)
+    assert (after.st_mtime_ns, after.st_ctime_ns) == (before.st_mtime_ns, before.st_ctime_ns)
+    assert below(site.version) == []
+    # The command the message names makes it (and every other), root-owned, 0755, whatever
+    # the umask.
+    os.umask(0o077)
+    try:
+        res = pbs_chroot_cli("--config", str(site.config), "image", "audit",
+                             str(site.version), "--add-mount-points", check=False)
     finally:
         os.umask(0o022)
+    assert "made mount point /proc" in res.stdout, res.stdout + res.stderr
     st = os.stat(site.version / "proc")
+    assert st.st_uid == 0 and st.st_mode & 0o777 == 0o755
+    stage.join(cfg, "1.vm", str(site.version))
     stage.leave(cfg, "1.vm", str(site.version))
-    assert st.st_uid == 0
-    st = os.stat(site.version / "proc")
-    assert st.st_mode & 0o777 == 0o755
+
+
+def test_optional_bind_without_its_mount_point_is_skipped_but_not_the_job_dir(
+        site: Site, syslog: Syslog) -> None:
+    extra = site.base / "data"
+    extra.mkdir()
+    site.write_config(extra=f"[binds]\n/proc = proc\n/data = {extra} optional\n")
+    assert syslog.path == site.base / "log.sock"  # the config's syslog_socket
+    cfg = config.load(str(site.config))
+    ensure_layout(cfg.state_dir)
+    (site.version / "data").rmdir()  # made by write_config, as by `image build`
+    log.setup("test", str(syslog.path))
+    stage.join(cfg, "1.vm", str(site.version))
+    assert str(site.version / "data") not in below(site.version)
+    stage.leave(cfg, "1.vm", str(site.version))
+    assert any("optional bind /data skipped: its mount point is missing" in line
+               for line in syslog.lines())
+    # pbs_mom's job directory is optional (a host without Torque), but every job needs it.
+    jobs = site.pbs_home / "mom_priv" / "jobs"
+    jobs.mkdir(parents=True)
+    with pytest.raises(MountError, match=f"mount point {jobs} is missing"):
+        stage.join(cfg, "2.vm", str(site.version))
+    stage.leave(cfg, "2.vm", str(site.version))
+    assert below(site.version) == []
 
 
 def test_admin_mount_under_the_version_survives(site: Site) -> None:
@@ -159,8 +200,7 @@ def test_admin_mount_under_the_version_survives(site: Site) -> None:
     v = str(site.version)
     _sys.mount("tmpfs", v, "tmpfs", 0, "mode=0755")  # the admin's file system for the version
     try:
-        for d in ("proc", "sys", "dev", "home", "etc"):
-            os.mkdir(f"{v}/{d}")  # an image on a file system of its own
+        images.add_mount_points(cfg, v)  # an image on a file system of its own
         stage.join(cfg, "1.vm", v)
         assert len(below(site.version)) == 1 + len(stage_targets())
         stage.leave(cfg, "1.vm", v)

@@ -253,6 +253,8 @@ def _site_fault(node: Node, job: EmuJob, detail: str) -> None:
 def test_config_writable_by_others_is_a_site_fault(node: Node) -> None:
     os.chmod(node.site.config, 0o646)
     _site_fault(node, node.job(node.rootdir()), "refusing config")
+    # In the syslog fixed at install (not the machine's /dev/log): the admin reads it there.
+    assert any("refusing config" in line for line in node.syslog.lines())
 
 
 def test_image_writable_by_others_is_a_site_fault(node: Node) -> None:

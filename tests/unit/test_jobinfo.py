@@ -10,6 +10,8 @@ from typing import Any, Callable, Optional
 
 import pytest
 
+from tests.captures import SAMPLES
+
 from pbs_chroot.errors import JobInfoError, SiteError
 from pbs_chroot.jobinfo import (
     JobVariables, lossy_names, parse_qstat_xml, parse_variable_list, read_variables,
@@ -36,22 +38,19 @@ EXPECTED = {
 QSTAT_ENV = {"PATH": "/bin:/usr/bin", "LC_ALL": "C"}
 
 
-def fixture_dir() -> Path:
-    """The shared Torque 6.1 captures, or skip when this checkout has none."""
-    path = Path(__file__).resolve().parents[3] / "shared/fixtures/torque-6.1"
-    if not path.is_dir():
-        pytest.skip(f"Torque fixtures not found at {path}")
-    return path
+def fixture_dir(source: Path) -> Path:
+    """The Torque 6.1 captures or the project's samples of them (tests/captures.py)."""
+    return source
 
 
-def fixture_xml(job_id: str) -> Path:
-    (match,) = fixture_dir().glob(f"qstat_f_x.*.{job_id}.*.xml")
+def fixture_xml(source: Path, job_id: str) -> Path:
+    (match,) = source.glob(f"qstat_f_x.*.{job_id}.*.xml")
     return match
 
 
-def fixture_raw(job_id: str) -> str:
+def fixture_raw(source: Path, job_id: str) -> str:
     """The Variable_List text of a capture, read without the module under test."""
-    root = ET.parse(str(fixture_xml(job_id))).getroot()
+    root = ET.parse(str(fixture_xml(source, job_id))).getroot()
     text = root.find("Job/Variable_List").text  # type: ignore[union-attr]
     assert text
     return text
@@ -65,37 +64,38 @@ def xml_doc(job_id: str, body: str) -> bytes:
 # --- parse_variable_list / lossy_names ----------------------------------------
 
 @pytest.mark.parametrize("job_id", sorted(EXPECTED))
-def test_parse_every_fixture(job_id: str) -> None:
-    result = parse_qstat_xml(fixture_xml(job_id).read_bytes(), job_id)
+def test_parse_every_fixture(job_id: str, torque_source: Path) -> None:
+    result = parse_qstat_xml(fixture_xml(torque_source, job_id).read_bytes(), job_id)
     assert isinstance(result, JobVariables)
     assert list(result.entries) == EXPECTED[job_id]
-    assert result.raw == fixture_raw(job_id)
+    assert result.raw == fixture_raw(torque_source, job_id)
 
 
-def test_all_fixtures_are_covered() -> None:
-    found = {p.name.split(".")[2] + ".vm" for p in fixture_dir().glob("qstat_f_x.*.xml")}
+def test_all_fixtures_are_covered(torque_source: Path) -> None:
+    found = {p.name.split(".")[2] + ".vm"
+             for p in fixture_dir(torque_source).glob("qstat_f_x.*.xml")}
     assert found == set(EXPECTED)
 
 
-def test_rootdir_same_position_for_v_and_D() -> None:
-    v = parse_qstat_xml(fixture_xml("20.vm").read_bytes(), "20.vm").entries
-    d = parse_qstat_xml(fixture_xml("22.vm").read_bytes(), "22.vm").entries
+def test_rootdir_same_position_for_v_and_D(torque_source: Path) -> None:
+    v = parse_qstat_xml(fixture_xml(torque_source, "20.vm").read_bytes(), "20.vm").entries
+    d = parse_qstat_xml(fixture_xml(torque_source, "22.vm").read_bytes(), "22.vm").entries
     assert v.index(ROOTDIR) == d.index(ROOTDIR) == len(HEAD)
 
 
-def test_raw_keeps_escapes() -> None:
-    raw = parse_qstat_xml(fixture_xml("30.vm").read_bytes(), "30.vm").raw
+def test_raw_keeps_escapes(torque_source: Path) -> None:
+    raw = parse_qstat_xml(fixture_xml(torque_source, "30.vm").read_bytes(), "30.vm").raw
     assert "XMLVAR=<t>&amp;x&y\\\"q\\'z,SPACEVAR=a b=c" in raw
 
 
-def test_lossy_names_job20() -> None:
-    raw = fixture_raw("20.vm")
+def test_lossy_names_job20(torque_source: Path) -> None:
+    raw = fixture_raw(torque_source, "20.vm")
     parsed = [name for name, _ in parse_variable_list(raw)]
     lossy = lossy_names(raw)
     assert "b" in lossy and "b" not in parsed
     assert set(lossy) - set(parsed) == {"b"}
     # job 21's text, typed unquoted, is what mom's .JB shows for job 20: same lossy view.
-    assert lossy == lossy_names(fixture_raw("21.vm"))
+    assert lossy == lossy_names(fixture_raw(torque_source, "21.vm"))
 
 
 def test_lossy_names_hidden_rootdir() -> None:
@@ -140,14 +140,14 @@ def test_malformed_or_truncated_xml(data: bytes) -> None:
         parse_qstat_xml(data, "20.vm")
 
 
-def test_truncated_fixture() -> None:
-    data = fixture_xml("20.vm").read_bytes()
+def test_truncated_fixture(torque_source: Path) -> None:
+    data = fixture_xml(torque_source, "20.vm").read_bytes()
     with pytest.raises(JobInfoError):
         parse_qstat_xml(data[: len(data) // 2], "20.vm")
 
 
-def test_wrong_job_id() -> None:
-    data = fixture_xml("20.vm").read_bytes()
+def test_wrong_job_id(torque_source: Path) -> None:
+    data = fixture_xml(torque_source, "20.vm").read_bytes()
     with pytest.raises(JobInfoError, match=r"found 0 .*20\.vm") as info:
         parse_qstat_xml(data, "2.vm")
     assert isinstance(info.value, SiteError)
@@ -219,7 +219,7 @@ def fake_qstat_cat(tmp_path: Path, job_id: str) -> str:
         f'[ "$#" = 3 ] && [ "$1" = -f ] && [ "$2" = -x ] && [ "$3" = "{job_id}" ] || exit 3\n'
         f"{env_check} || exit 4\n"
         f"[ -z \"$HOME\" ] || exit 5\n"
-        f"exec cat '{fixture_xml(job_id)}'\n"))
+        f"exec cat '{fixture_xml(SAMPLES, job_id)}'\n"))  # (qstat mechanics: one source)
 
 
 def test_qstat_success(tmp_path: Path) -> None:
@@ -244,8 +244,8 @@ def test_qstat_garbage_output(tmp_path: Path) -> None:
         read_variables("20.vm", source="qstat", qstat=qstat, timeout=5)
 
 
-def test_qstat_answers_for_another_job(tmp_path: Path) -> None:
-    qstat = write_script(tmp_path, "qstat", f"cat '{fixture_xml('22.vm')}'\n")
+def test_qstat_answers_for_another_job(tmp_path: Path, torque_source: Path) -> None:
+    qstat = write_script(tmp_path, "qstat", f"cat '{fixture_xml(torque_source, '22.vm')}'\n")
     with pytest.raises(JobInfoError, match="found 0"):
         read_variables("20.vm", source="qstat", qstat=qstat, timeout=5)
 
@@ -349,10 +349,14 @@ def make_fake_pbs(raw: str, *, connect_rc: int = 3,
     mod.ATTR_v = "Variable_List"  # type: ignore[attr-defined]
 
     def real_statjob(conn: int, job_id: str, attrl: Any, extend: Any) -> Any:
-        if conn != connect_rc or [a.name for a in attrl] != ["Variable_List"]:
+        # As the server does: only the attributes asked for (the Variable_List first).
+        names = [a.name for a in attrl]
+        if conn != connect_rc or names[:1] != ["Variable_List"]:
             return []
-        return [FakeBatchStatus(job_id, [FakeAttrl("euser", "tquser"),
-                                         FakeAttrl("Variable_List", raw)])]
+        known = {"Variable_List": raw, "Error_Path": "vm:/home/tquser/job.e20",
+                 "Shell_Path_List": "/bin/sh"}
+        return [FakeBatchStatus(job_id, [FakeAttrl("euser", "tquser")]
+                                + [FakeAttrl(n, known[n]) for n in names if n in known])]
 
     mod.pbs_default = lambda: "vm"  # type: ignore[attr-defined]
     mod.pbs_connect = lambda server: connect_rc if server == "vm" else -1  # type: ignore
@@ -377,17 +381,20 @@ def assert_no_child_left() -> None:
         os.waitpid(-1, os.WNOHANG)
 
 
-def test_pbs_python_success(install_pbs: Callable[..., Any]) -> None:
-    raw = fixture_raw("20.vm")
+def test_pbs_python_success(install_pbs: Callable[..., Any], torque_source: Path) -> None:
+    raw = fixture_raw(torque_source, "20.vm")
     install_pbs(raw)
     result = read_variables("20.vm", source="pbs_python", qstat="/nonexistent", timeout=5)
     assert result.raw == raw
     assert list(result.entries) == EXPECTED["20.vm"]
+    # The attributes the prologue speaks to the user with, as the server gave them.
+    assert (result.error_path, result.shell, result.output_path, result.join) == \
+        ("vm:/home/tquser/job.e20", "/bin/sh", "", "")
     assert_no_child_left()
 
 
-def test_pbs_python_connect_fails(install_pbs: Callable[..., Any]) -> None:
-    install_pbs(fixture_raw("20.vm"), connect_rc=-1)
+def test_pbs_python_connect_fails(install_pbs: Callable[..., Any], torque_source: Path) -> None:
+    install_pbs(fixture_raw(torque_source, "20.vm"), connect_rc=-1)
     with pytest.raises(JobInfoError, match=r"pbs_connect\('vm'\) failed: errno 15001"):
         read_variables("20.vm", source="pbs_python", qstat="/nonexistent", timeout=5)
     assert_no_child_left()

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests import fakes
-from tests.conftest import FIXTURES
+from tests.captures import torque_file
 
 TQUSER = fakes.Identity("tquser", 1002, 1002, "tquser", "/home/tquser", "/bin/bash")
 RES_L = "nodes=1:ppn=2,mem=512mb,vmem=1gb,walltime=00:10:00,neednodes=1:ppn=2"
@@ -34,15 +34,13 @@ JOB30 = fakes.EmuJob("30.vm", "tquser", "", [("XMLVAR", "<t>&amp;x&y\"q'z"),
                      resource_list=RES_SHORT)
 
 
-def fixture(name: str) -> Path:
-    path = FIXTURES / name
-    if not path.exists():
-        pytest.skip(f"fixture {name} not found (shared/ not beside the repo)")
-    return path
+def fixture(source: Path, name: str) -> Path:
+    """A Torque 6.1 capture, or the project's sample of it (tests/captures.py)."""
+    return torque_file(source, name)
 
 
-def fixture_env(name: str) -> list:
-    return json.loads(fixture(name).read_text())["env_raw_order"]
+def fixture_env(source: Path, name: str) -> list:
+    return json.loads(fixture(source, name).read_text())["env_raw_order"]
 
 
 def parse_variable_list(text: str) -> list:
@@ -75,18 +73,19 @@ def test_variable_list_round_trips_through_escaped_comma_parse() -> None:
     assert nasty == expected[7:7 + len(nasty)]
 
 
-def test_variable_list_escaping_is_the_fixtures() -> None:
+def test_variable_list_escaping_is_the_fixtures(torque_source: Path) -> None:
     for job, name in ((JOB20, "qstat_f_x.rootdir_v.20.vm.running.xml"),
                       (JOB30, "qstat_f_x.xml_special_chars.30.vm.running.xml")):
         ours = fakes.qstat_xml(job, server="vm", ident=TQUSER, session_id=1)
-        raw = fixture(name).read_bytes()
+        raw = fixture(torque_source, name).read_bytes()
         start = raw.index(b"<Variable_List>")
         assert raw[start:raw.index(b"</Variable_List>") + 16] in ours
 
 
-def test_qstat_xml_has_the_fixture_elements_in_order() -> None:
+def test_qstat_xml_has_the_fixture_elements_in_order(torque_source: Path) -> None:
     ours = ET.fromstring(fakes.qstat_xml(JOB20, server="vm", ident=TQUSER, session_id=22984))
-    theirs = ET.fromstring(fixture("qstat_f_x.rootdir_v.20.vm.running.xml").read_bytes())
+    theirs = ET.fromstring(
+        fixture(torque_source, "qstat_f_x.rootdir_v.20.vm.running.xml").read_bytes())
     assert [e.tag for e in ours.find("Job")] == [e.tag for e in theirs.find("Job")]
     for tag in ("Job_Id", "Job_Name", "job_state", "euser", "egroup", "exec_host",
                 "init_work_dir", "session_id", "substate"):
@@ -95,16 +94,17 @@ def test_qstat_xml_has_the_fixture_elements_in_order() -> None:
     assert res == [(e.tag, e.text) for e in theirs.find("Job/Resource_List")]
 
 
-def test_qstat_xml_at_prologue_has_no_session_id() -> None:
+def test_qstat_xml_at_prologue_has_no_session_id(torque_source: Path) -> None:
     ours = ET.fromstring(fakes.qstat_xml(JOB20, ident=TQUSER))
-    theirs = ET.fromstring(fixture("qstat_f_x.rootdirx_prefix.24.vm.at_prologue.xml").read_bytes())
+    theirs = ET.fromstring(
+        fixture(torque_source, "qstat_f_x.rootdirx_prefix.24.vm.at_prologue.xml").read_bytes())
     assert ours.find("Job/session_id") is None and theirs.find("Job/session_id") is None
     assert ours.find("Job/substate").text == theirs.find("Job/substate").text == "40"
 
 
-def test_mom_jobfile_variable_list_is_the_fixtures() -> None:
+def test_mom_jobfile_variable_list_is_the_fixtures(torque_source: Path) -> None:
     ours = fakes.mom_jobfile_xml(JOB30, TQUSER, server="vm", cookie="C0", substate=42)
-    raw = fixture("mom_jobfile.xml_special_chars.30.vm.JB").read_bytes()
+    raw = fixture(torque_source, "mom_jobfile.xml_special_chars.30.vm.JB").read_bytes()
     theirs = raw.split(b'<Variable_List flags="1">')[1].split(b"</Variable_List>")[0]
     assert b"<Variable_List>" + theirs + b"</Variable_List>" in ours     # commas not escaped
     assert ET.fromstring(ours).find("substate").text == "42"
@@ -121,12 +121,12 @@ def test_values_torque_cannot_hold_or_xml_cannot_carry() -> None:
         ET.fromstring(raw)
 
 
-def test_hook_environment_is_the_fixtures() -> None:
+def test_hook_environment_is_the_fixtures(torque_source: Path) -> None:
     varlist = fakes.server_variable_list(JOB23, TQUSER, "vm")
     env = fakes.hook_environment(JOB23, varlist, HOME, "vm")
-    expected = fixture_env("env.prologue.23.vm.json")
+    expected = fixture_env(torque_source, "env.prologue.23.vm.json")
     assert [f"{k}={v}" for k, v in env.items()] == expected
-    assert expected == fixture_env("env.epilogue.23.vm.json")
+    assert expected == fixture_env(torque_source, "env.epilogue.23.vm.json")
 
 
 def test_hook_environment_takes_some_user_variables() -> None:
@@ -143,10 +143,11 @@ def test_hook_environment_takes_some_user_variables() -> None:
     (JOB25, "env.job_starter.override_pbs_jobid.25.vm.json", "FF7B1FC1EB5F59871B59B727C070D642"),
     (JOB29, "env.job_starter.dup_rootdir_image_b.29.vm.json", "BC9EB3A0D64E1D9CEF80678D5D571966"),
 ])
-def test_job_environment_is_the_fixtures(job: fakes.EmuJob, name: str, cookie: str) -> None:
+def test_job_environment_is_the_fixtures(job: fakes.EmuJob, name: str, cookie: str,
+                                         torque_source: Path) -> None:
     varlist = fakes.server_variable_list(job, TQUSER, "vm")
     env = fakes.job_environment(job, varlist, TQUSER, HOME, "vm", "/bin/bash", cookie)
-    assert [f"{k}={v}" for k, v in env.items()] == fixture_env(name)
+    assert [f"{k}={v}" for k, v in env.items()] == fixture_env(torque_source, name)
 
 
 def test_chroot_target_is_the_first_prefix_match() -> None:

@@ -1,0 +1,187 @@
+"""Is the job's shell an executable file in the image? (pbs_mom execs it after the chroot.)
+
+The shell's path is the user's (qsub -S) or the login shell from NSS: it is
+only ever looked up, never created or written.
+
+- The prologue (root) uses shell_problem_as_user(): a child chroots into the
+  image as pbs_mom will, drops to the user for good, and looks the path up
+  there, so root follows no link the user made (a staged image shows the
+  host's homes) and learns nothing the user could not.
+- The submit filter (the user) uses shell_problem(): the path is resolved
+  *inside* the image tree, every component opened with O_NOFOLLOW relative to
+  the one before, a symlink followed by hand as the kernel would after
+  chroot(2) (an absolute target restarts at the image's root, ``..`` never
+  climbs above it). Nothing outside the image is opened.
+"""
+from __future__ import annotations
+
+import os
+import stat
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Iterable, Optional
+
+__all__ = ["shell_problem", "shell_problem_as_user", "pick_shell", "refusal", "SHELL_HINT"]
+
+_MAX_LINKS = 40  # the kernel's limit on symlinks in one lookup (path_resolution(7))
+_O_PATH = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+SHELL_HINT = "/bin/sh"
+
+
+def pick_shell(shell_path_list: str, node: str) -> str:
+    """The shell pbs_mom picks from a Shell_Path_List (``path[@host],...``): '' if none.
+
+    An entry for this host wins over one without a host (Torque's
+    set_shell); entries for other hosts are ignored.
+    """
+    plain = ""
+    for entry in shell_path_list.split(","):
+        path, at, host = entry.strip().partition("@")
+        if not path:
+            continue
+        if at and host and (host == node or host.split(".")[0] == node.split(".")[0]):
+            return path
+        if not at and not plain:
+            plain = path
+    return plain
+
+
+def shell_problem(root: str, shell: str, skip: Iterable[str] = ()) -> str:
+    """Why ``shell`` would not run in the image at ``root`` ('' if it would, or can't be told).
+
+    ``skip``: mount points of the stage (binds): a shell below one of them
+    is not in the image but on the host, and is not judged here.
+    Raises OSError when ``root`` itself can't be opened (the caller decides).
+    """
+    if not shell.startswith("/"):
+        return "is not an absolute path"
+    for target in skip:
+        if shell == target or shell.startswith(target.rstrip("/") + "/"):
+            return ""
+    root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fd = _resolve(root_fd, shell)
+        if fd is None:
+            return "is not in the image"
+        try:
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
+    finally:
+        os.close(root_fd)
+    if not stat.S_ISREG(st.st_mode):
+        return "is not a file in the image"
+    if not st.st_mode & 0o111:
+        return "is not executable in the image"
+    return ""
+
+
+def _resolve(root_fd: int, path: str) -> Optional[int]:
+    """An O_PATH fd of ``path`` looked up inside root_fd, or None if it is not there."""
+    parts = [p for p in path.split("/") if p not in ("", ".")]
+    stack = [os.dup(root_fd)]  # the directories walked, for ".."
+    links = 0
+    try:
+        while parts:
+            name = parts.pop(0)
+            if name == "..":
+                if len(stack) > 1:
+                    os.close(stack.pop())
+                continue
+            try:
+                fd = os.open(name, _O_PATH, dir_fd=stack[-1])
+            except (FileNotFoundError, NotADirectoryError, PermissionError):
+                return None
+            st = os.fstat(fd)
+            if stat.S_ISLNK(st.st_mode):
+                links += 1
+                try:
+                    target = os.readlink("", dir_fd=fd)
+                finally:
+                    os.close(fd)
+                if links > _MAX_LINKS or not target:
+                    return None
+                if target.startswith("/"):
+                    while len(stack) > 1:
+                        os.close(stack.pop())
+                parts = [p for p in target.split("/") if p not in ("", ".")] + parts
+                continue
+            if parts and not stat.S_ISDIR(st.st_mode):
+                os.close(fd)
+                return None
+            stack.append(fd)
+        return os.dup(stack[-1])
+    finally:
+        for fd in stack:
+            os.close(fd)
+
+
+# Exit codes of shell_problem_as_user's child, and what they mean.
+_CHILD = {1: "is not in the image", 2: "is not a file in the image",
+          3: "is not executable in the image", 4: ""}  # 4: can't tell (set-up failed)
+_DEADLINE = 5.0
+
+
+def shell_problem_as_user(root: str, shell: str, uid: int, gid: int, groups: list[int],
+                          skip: Iterable[str] = ()) -> str:
+    """shell_problem() as pbs_mom meets it: in a child that chroots into ``root`` (as
+    root, like pbs_mom), then drops to the user for good and looks the shell up there.
+    Root follows no link of the user's and learns nothing the user could not see.
+    Returns '' when the shell would run, or when the check itself could not be made."""
+    if not shell.startswith("/"):
+        return "is not an absolute path"
+    for target in skip:
+        if shell == target or shell.startswith(target.rstrip("/") + "/"):
+            return ""
+    pid = os.fork()
+    if pid == 0:
+        code = 4
+        try:
+            code = _child_lookup(root, shell, uid, gid, groups)
+        finally:
+            os._exit(code)
+    return _CHILD.get(_wait(pid), "")
+
+
+def _child_lookup(root: str, shell: str, uid: int, gid: int, groups: list[int]) -> int:
+    try:
+        os.chroot(root)
+        os.chdir("/")
+        os.setgroups(groups)
+        os.setresgid(gid, gid, gid)
+        os.setresuid(uid, uid, uid)
+    except OSError:
+        return 4
+    if os.getresuid() != (uid, uid, uid) or os.getresgid() != (gid, gid, gid):
+        return 4
+    try:
+        st = os.stat(shell)
+    except OSError:
+        return 1
+    if not stat.S_ISREG(st.st_mode):
+        return 2
+    return 0 if os.access(shell, os.X_OK) else 3
+
+
+def _wait(pid: int) -> int:
+    """The child's exit code (4, "can't tell", if it had to be killed at the deadline)."""
+    import time
+    deadline = time.monotonic() + _DEADLINE
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.WEXITSTATUS(status) if os.WIFEXITED(status) else 4
+        if time.monotonic() >= deadline:
+            import _signal  # type: ignore[import-not-found]  # the signal module imports enum
+            os.kill(pid, _signal.SIGKILL)
+            os.waitpid(pid, 0)
+            return 4
+        time.sleep(0.001)
+
+
+def refusal(image: str, shell: str, problem: str, has_hint: bool) -> str:
+    """The one line a user reads when the job's shell is not usable in the image."""
+    fix = (f"; submit with a shell the image has, e.g. qsub -S {SHELL_HINT}" if has_hint
+           else "; submit with a shell the image has (qsub -S PATH)")
+    return f"can't use image {image}: the job's shell {shell} {problem}{fix}"
