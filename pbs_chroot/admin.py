@@ -426,9 +426,13 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--syslog-socket", default="/dev/log",
                    help="where the hooks log before the config is read, and when it is "
                    "refused (default %(default)s; then the config's syslog_socket)")
-    r = sub.add_parser("run", help="run a command in an image as a job would run")
-    r.add_argument("--image", required=True, help="the allowlisted path, as users write it")
-    r.add_argument("--user", help="job user (default: $SUDO_USER, else nobody)")
+    r = sub.add_parser("run", help="run a command in an image as a job would run (without "
+                       "root: through a user namespace)")
+    where = r.add_mutually_exclusive_group(required=True)
+    where.add_argument("--image", help="the allowlisted path, as users write it")
+    where.add_argument("--dir", help="without root only: a directory tree of your own")
+    r.add_argument("--user", help="job user (default: $SUDO_USER, else nobody; without "
+                   "root: yourself)")
     r.add_argument("cmd", nargs="+", help="the command (after --)")
     sub.add_parser("check", help="validate the config and the images")
     sub.add_parser("submit-filter", help="the qsub submit filter, by hand: "
@@ -494,8 +498,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     log.setup("pbs-chroot")
     try:
+        if os.geteuid() != 0 and args.command == "run":  # unprivileged mode (userns.py)
+            from . import userns
+            return userns.run(args.config, args.image, args.dir, args.user, args.cmd)
         if os.geteuid() != 0:
             raise UserError("must be run as root")
+        if args.command == "run" and args.dir is not None:
+            raise UserError("run --dir is for users without root (a user namespace); as "
+                            "root, use an allowlisted --image")
         if args.command == "install" and args.submit_filter:
             return _install_filter(args)
         if args.command == "install":

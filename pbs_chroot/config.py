@@ -90,7 +90,8 @@ class Config(Record):
                  "job_info_timeout", "lock_timeout", "offline_node", "node_name", "keep_stage",
                  "syslog_socket", "cgroups", "cgroup_parent", "torque_cgroup_parent",
                  "memory_policy", "memory_cap", "limit_swap", "pids_max", "kill_timeout",
-                 "accounting_log", "identity", "tmpdir", "user_dirs", "job_starter")
+                 "accounting_log", "identity", "tmpdir", "user_dirs", "job_starter",
+                 "entry_dir")
 
     def __init__(self, path: str, images: tuple[Image, ...], binds: tuple[BindSpec, ...],
                  state_dir: str = "/var/lib/pbs_chroot", pbs_home: str = "/var/spool/torque",
@@ -105,7 +106,7 @@ class Config(Record):
                  accounting_log: str = "/var/log/pbs_chroot/accounting.jsonl",
                  identity: str = "generated", tmpdir: str = "",
                  user_dirs: tuple[str, ...] = (),
-                 job_starter: str = DEFAULT_JOB_STARTER) -> None:
+                 job_starter: str = DEFAULT_JOB_STARTER, entry_dir: str = "") -> None:
         self.path = path
         self.images = images
         self.binds = binds
@@ -134,6 +135,7 @@ class Config(Record):
         # pbs_mom's $job_starter: a pass-through on the host, its -nnp sibling
         # bound over it in every stage ('' = none: not a Torque node).
         self.job_starter = job_starter
+        self.entry_dir = entry_dir  # where users' jobs enter stages without root ('' = off)
 
     def image(self, path: str) -> Optional[Image]:
         """The allowlisted image whose path equals ``path`` as text, or None."""
@@ -269,6 +271,7 @@ _FIELDS = {
     "memory_policy": "policy", "memory_cap": "size", "limit_swap": "bool", "pids_max": "count",
     "kill_timeout": "seconds", "accounting_log": "abspath", "identity": "identity",
     "tmpdir": "abspath", "user_dirs": "userdirs", "job_starter": "starter",
+    "entry_dir": "abspath",
 }
 _IDENTITY_MODES = ("generated", "host", "nscd")
 _SPECIAL_SOURCES = ("proc", "tmpfs")

@@ -8,6 +8,9 @@ Python). Exit codes: 125 its own setup failed, 126 the command is not
 executable, 127 it was not found; otherwise it execs and never returns.
 
     python3 -I -m pbs_chroot.shim --root DIR --user NAME [--setenv K=V]... -- CMD [ARG...]
+
+Started without root (real, effective and saved uid all the user's), it is
+the shim of batch systems that start jobs as the user: userns_shim.py.
 """
 import errno
 import os
@@ -176,8 +179,12 @@ def _die(code: int, msg: str) -> NoReturn:
 
 def main(argv: Optional[Sequence[str]] = None) -> NoReturn:
     """Console entry point ``pbs-chroot-shim``."""
+    args = sys.argv[1:] if argv is None else argv
+    if 0 not in os.getresuid():  # started as the user (a launch hook): user namespace
+        from . import userns_shim
+        userns_shim.main(args)
     try:
-        enter_and_exec(ShimArgs(sys.argv[1:] if argv is None else argv))
+        enter_and_exec(ShimArgs(args))
     except ShimError as e:
         _die(SETUP_FAILED, str(e))
 

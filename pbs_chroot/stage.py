@@ -12,7 +12,7 @@ import os
 import stat
 import time
 
-from . import faults, gate, homes, identity, mounts
+from . import entry, faults, gate, homes, identity, mounts
 from .config import BindSpec
 from .errors import StateError
 from .log import get_logger
@@ -185,6 +185,7 @@ def join_locked(cfg: Config, job_ids: Sequence[str], version: str,
         _touch(os.path.join(sdir, "members", job_id), user)
         log.info("job %s joined stage %s", job_id, version)
     identity.refresh(sdir)
+    entry.refresh(cfg, sdir, image, job_ids)  # its users may enter it without root
     for user in sorted(set(users) - {""}):
         # Homes and work directories that are links on the host (homes.py).
         for path in [_home_of(user)] + [d.replace("%u", user) for d in cfg.user_dirs]:
@@ -255,12 +256,14 @@ def _leave_locked(cfg: Config, job_id: str, sdir: str) -> bool:
         pass
     except OSError as e:
         raise StateError(f"can't remove member {job_id} of {sdir}: {e.strerror}") from e
+    entry.forget(cfg, job_id, sdir)
     faults.point("stage:member_removed")
     left = members(sdir)
     info = read_json(os.path.join(sdir, "info.json"))
     version = _version_in(info) or sdir
     if left or (cfg.keep_stage and _is_ready(info)):
         identity.refresh(sdir)
+        entry.refresh(cfg, sdir)
         log.info("job %s left stage %s (%d job(s) remain)", job_id, version, len(left))
         return False
     _destroy(sdir, version)
@@ -309,6 +312,8 @@ def _in_use(sdir: str, info: Optional[Any], version: str) -> bool:
 def _build(cfg: Config, sdir: str, version: str, steps: list[mounts.MountStep],
            info: Optional[Any], mode: str = "host") -> None:
     if info is not None:
+        if isinstance(info, dict) and isinstance(info.get("entry"), str):
+            entry.withdraw(info["entry"])
         mounts.teardown(version, _keep(info))  # a half-built or damaged stage
     table = mounts.read_mountinfo()
     mounts.check_base(version, table)
@@ -318,7 +323,8 @@ def _build(cfg: Config, sdir: str, version: str, steps: list[mounts.MountStep],
             os.mkdir(os.path.join(sdir, sub), 0o700)
         except FileExistsError:
             pass
-    info = {"version": version, "state": "setting-up", "pre": sorted(keep)}
+    info = {"version": version, "state": "setting-up", "pre": sorted(keep),
+            "entry": entry.path_of(cfg, sdir)}
     write_json(os.path.join(sdir, "info.json"), info)  # before the first mount
     faults.point("stage:info_written")
     _report_setuid(cfg, version)
@@ -328,6 +334,7 @@ def _build(cfg: Config, sdir: str, version: str, steps: list[mounts.MountStep],
         identity.snapshot_image(version, sdir)
     log.info("setting up stage %s: %s", version, "; ".join(s.describe() for s in steps))
     mounts.apply(version, steps, keep)
+    entry.publish(cfg, sdir, version)
     # Marked after the mounts: making mount points changes the version's ctime.
     _touch(_audit_mark(cfg, version))
     info["state"] = "ready"
@@ -338,6 +345,8 @@ def _destroy(sdir: str, version: str) -> None:
     info = read_json(os.path.join(sdir, "info.json"))
     # info.json is written before the first mount: without it we mounted
     # nothing here, and whatever is mounted there is not ours to remove.
+    if isinstance(info, dict) and isinstance(info.get("entry"), str):
+        entry.withdraw(info["entry"])  # before the stage: it is a copy of its mounts
     n = mounts.teardown(version, _keep(info)) if info is not None else 0
     faults.point("stage:unmounted")
     # Whatever a killed writer left (info.json.tmp.PID) goes too.
