@@ -40,6 +40,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, help="jobs in the scale test (default 128; quick 32)")
     p.add_argument("--reps", type=int, help="repetitions of each inside/outside task "
                    "(default 7; quick 3)")
+    p.add_argument("--throughput-jobs", type=int, metavar="N",
+                   help="trivial jobs per case in the throughput section (default 200; quick 50)")
+    p.add_argument("--mom-ms", type=float, default=sections.TORQUE_MOM_MS,
+                   help="pbs_mom's own time per job in the throughput section (default "
+                   "%(default)s ms, measured on a real Torque 6.1 without hooks)")
+    p.add_argument("--only", choices=("throughput",),
+                   help="run only this section (and its reference points)")
     return p
 
 
@@ -48,13 +55,15 @@ def main(argv: "list | None" = None) -> int:
     if os.geteuid() != 0:
         print("benchmarks/run: run as root (mounts, cgroups, chroot)", file=sys.stderr)
         return 2
-    for name in ("runs", "jobs", "reps"):
+    for name in ("runs", "jobs", "reps", "throughput_jobs"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             print(f"benchmarks/run: --{name} must be at least 1", file=sys.stderr)
             return 2
     plan = {"runs": args.runs or (10 if args.quick else 100),
             "jobs": args.jobs or (32 if args.quick else 128),
-            "reps": args.reps or (3 if args.quick else 7), "quick": args.quick}
+            "reps": args.reps or (3 if args.quick else 7), "quick": args.quick,
+            "throughput_jobs": args.throughput_jobs or (50 if args.quick else 200),
+            "mom_ms": args.mom_ms, "only": args.only}
     busy = _cpu_busy(1.0)  # is anything else running? (nothing of ours yet)
     t0 = time.monotonic()
     host_before = (node_mod.mount_points(), node_mod.cgroup_tree())
@@ -139,6 +148,14 @@ def _child(plan: dict) -> dict:
         mom = Mom(node)
         ids = sections.Ids()
         n, warm = plan["runs"], 2
+        tn = plan["throughput_jobs"]
+        _say(f"throughput: {tn} trivial jobs x 3 cases, one after another")
+        res["throughput"] = sections.throughput(mom, node, ids, tn, plan["mom_ms"])
+        _say(f"warm hook pair vs python -IS -c pass x{min(tn, 100)}")
+        res["warm_pair"] = sections.warm_pair(mom, node, ids, min(tn, 100))
+        if plan["only"] == "throughput":
+            res["namespace"] = _namespace_check(node, base_mounts)
+            return res
         _say(f"interpreter start-up x{max(n, 50)}")
         res["reference"] = sections.startup(max(n, 50))
         _say(f"hook cost: 3 cases x {n} jobs")
@@ -154,17 +171,21 @@ def _child(plan: dict) -> dict:
         _say(f"scale: {plan['jobs']} jobs at once")
         res["scale"] = sections.scale(mom, node, ids, plan["jobs"],
                                       res["hooks"]["stage_mounts"])
-        after = node_mod.mount_points()
-        left = node.state_files() + [f"offline: {c}" for c in node.offline_calls()]
-        res["namespace"] = {
-            "mounts_unchanged": after == base_mounts,
+        res["namespace"] = _namespace_check(node, base_mounts)
+    finally:
+        _cleanup(node, mom, res)
+    return res
+
+
+def _namespace_check(node: node_mod.Node, base_mounts: list) -> dict:
+    """Mountinfo as before the first job; no job record, stage or offline call left."""
+    after = node_mod.mount_points()
+    left = node.state_files() + [f"offline: {c}" for c in node.offline_calls()]
+    return {"mounts_unchanged": after == base_mounts,
             "mounts_text": "as before" if after == base_mounts else
             f"differs: +{sorted(set(after) - set(base_mounts))[:5]} "
             f"-{sorted(set(base_mounts) - set(after))[:5]}",
             "state_clean": not left, "state_text": "none" if not left else ", ".join(left[:5])}
-    finally:
-        _cleanup(node, mom, res)
-    return res
 
 
 def _cleanup(node: node_mod.Node, mom: "object", res: dict) -> None:
