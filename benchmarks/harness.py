@@ -45,6 +45,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--mom-ms", type=float, default=sections.TORQUE_MOM_MS,
                    help="pbs_mom's own time per job in the throughput section (default "
                    "%(default)s ms, measured on a real Torque 6.1 without hooks)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a [pbs_chroot] setting for the hooks' config (repeatable), e.g. "
+                   "stage_grace=5: to measure a lever")
+    p.add_argument("--lever", metavar="KEY=VALUE",
+                   help="measure one setting against the config without it, in the same run "
+                   "(blocks of jobs alternating); with --only throughput")
     p.add_argument("--only", choices=("throughput",),
                    help="run only this section (and its reference points)")
     return p
@@ -63,7 +69,8 @@ def main(argv: "list | None" = None) -> int:
             "jobs": args.jobs or (32 if args.quick else 128),
             "reps": args.reps or (3 if args.quick else 7), "quick": args.quick,
             "throughput_jobs": args.throughput_jobs or (50 if args.quick else 200),
-            "mom_ms": args.mom_ms, "only": args.only}
+            "mom_ms": args.mom_ms, "only": args.only, "lever": args.lever,
+            "settings": "".join(f"{kv.replace('=', ' = ', 1)}\n" for kv in args.set)}
     busy = _cpu_busy(1.0)  # is anything else running? (nothing of ours yet)
     t0 = time.monotonic()
     host_before = (node_mod.mount_points(), node_mod.cgroup_tree())
@@ -137,7 +144,8 @@ def _measure_in_child(plan: dict) -> dict:
 def _child(plan: dict) -> dict:
     """Everything measured, inside a private mount namespace."""
     node_mod.enter_namespace()
-    node = node_mod.Node(node_mod.pick_root(), f"pbs_chroot_bench.{os.getpid()}")
+    node = node_mod.Node(node_mod.pick_root(), f"pbs_chroot_bench.{os.getpid()}",
+                         plan["settings"])
     res: dict = {"quick": plan["quick"], "plan": plan, "cg_parent": node.cg_parent,
                  "machine": _machine(), "bind_set": node.binds_note}
     from .mom import Mom
@@ -149,6 +157,10 @@ def _child(plan: dict) -> dict:
         ids = sections.Ids()
         n, warm = plan["runs"], 2
         tn = plan["throughput_jobs"]
+        if plan["lever"]:
+            _say(f"lever {plan['lever']}: {tn} jobs per variant and case")
+            res["lever"] = sections.lever(mom, node, ids, tn,
+                                          plan["lever"].replace("=", " = ", 1))
         _say(f"throughput: {tn} trivial jobs x 3 cases, one after another")
         res["throughput"] = sections.throughput(mom, node, ids, tn, plan["mom_ms"])
         _say(f"warm hook pair vs python -IS -c pass x{min(tn, 100)}")

@@ -106,6 +106,16 @@ def throughput_text(res: dict) -> str:
         out.append(line + "\n")
     out.append(f"  `python -IS -c pass` in the same rounds: {tp['startup_IS']['median']:.1f} ms "
                f"(p90 {tp['startup_IS']['p90']:.1f})\n")
+    lv = res.get("lever")
+    if lv:
+        out.append(f"  lever `{lv['setting']}` (B) against the config without it (A), "
+                   f"{lv['n']} jobs each, blocks of {lv['block']}:\n")
+        for case in ("noimage", "image"):
+            c = lv[case]
+            out.append(f"    {case:<8} pair A {c['A_pair']['median']:.1f} (p90 "
+                       f"{c['A_pair']['p90']:.1f}) -> B {c['B_pair']['median']:.1f} (p90 "
+                       f"{c['B_pair']['p90']:.1f}) ms: x{c['pair_ratio']:.3f}; whole job "
+                       f"{c['A_job']['median']:.1f} -> {c['B_job']['median']:.1f} ms\n")
     if wp:
         out.append(f"  warm pair (stage held by another job), x{wp['n']}, alternating with "
                    f"`python -IS -c pass`: prologue {wp['prologue']['median']:.1f} + epilogue "
@@ -152,6 +162,7 @@ def table(res: dict) -> str:
             f"{res['elapsed_s']:.0f} s) on {m['host']}: {m['cpu']} x{m['cpus']}, "
             f"{m['mem_gib']} GiB, Linux {m['kernel']}, Python {m['python']}, cgroup v"
             f"{m['cgroup']}\n",
+            f"  settings: {res['plan'].get('settings', '').strip() or 'defaults'}\n",
             f"  bind set: {res['bind_set']}; job info: stub qstat; CPUs "
             f"{100 * m.get('cpu_busy_before', 0):.0f}% busy in the second before the run"
             + (" (NOT IDLE: the figures may be noisy)" if _busy(res) else "") + "\n\n"]

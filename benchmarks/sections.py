@@ -434,6 +434,7 @@ def throughput(mom: Mom, node: Node, ids: Ids, n: int, mom_ms: float) -> dict:
         t = spawn_time([sys.executable, "-IS", "-c", "pass"])
         if i >= 2:
             start.append(t)
+    settle(node, 3600)
     if mount_lines() != base:
         raise BenchError(f"throughput: mountinfo has {mount_lines()} lines, {base} before")
     out: dict = {"jobs": n, "mom_ms": mom_ms, "startup_IS": summary(start)}
@@ -478,3 +479,50 @@ def warm_pair(mom: Mom, node: Node, ids: Ids, n: int) -> dict:
     s, p = summary(start), summary(pairs)
     return {"n": n, "prologue": summary(pro), "epilogue": summary(epi), "pair": p,
             "startup_IS": s, "ratio": round(p["median"] / s["median"], 2)}
+
+
+def lever(mom: Mom, node: Node, ids: Ids, n: int, setting: str, block: int = 8) -> dict:
+    """One lever, measured against the config without it in the same run: blocks of
+    ``block`` trivial jobs with the config as given (A) and with ``setting`` added (B),
+    alternating; the first job of each block is not counted (it may meet the other
+    config's stage). Per case (no image; in the image, no other job holding its stage):
+    the hook pair and the job's whole time (mom.py's own work included)."""
+    image = [("PBS_O_ROOTDIR", str(node.image))]
+    cases = {"noimage": [("MYVAR", "x")], "image": image}
+    out: dict = {"setting": setting, "n": n, "block": block}
+    data: dict = {(c, v): {"pair": [], "job": []} for c in cases for v in "AB"}
+    done = 0
+    variant = "A"
+    while done < n:
+        node.write_config(main=setting + "\n" if variant == "B" else "")
+        for k in range(block):
+            for case, variables in cases.items():
+                t0 = time.perf_counter_ns()
+                job = _must(mom.run(Job(ids(), variables, "shell", TRIVIAL)))
+                t1 = time.perf_counter_ns()
+                if k:
+                    data[(case, variant)]["pair"].append((job.pro_ns or 0) + (job.epi_ns or 0))
+                    data[(case, variant)]["job"].append(t1 - t0)
+        if variant == "B":
+            done += block - 1
+        variant = "B" if variant == "A" else "A"
+    node.write_config()
+    settle(node, 30)
+    for case in cases:
+        a, b = data[(case, "A")], data[(case, "B")]
+        pa, pb = summary(a["pair"]), summary(b["pair"])
+        out[case] = {"A_pair": pa, "B_pair": pb, "A_job": summary(a["job"]),
+                     "B_job": summary(b["job"]),
+                     "pair_ratio": round(pb["median"] / pa["median"], 3)}
+    return out
+
+
+def settle(node: Node, timeout: float) -> None:
+    """Wait until no stage is left (an idle stage's deferred teardown runs after its grace
+    period, in a detached worker)."""
+    deadline = time.monotonic() + timeout
+    while any(f.startswith("stages/") for f in node.state_files()):
+        if time.monotonic() > deadline:
+            raise BenchError(f"stages left {timeout} s after the last job: "
+                             f"{node.state_files()}")
+        time.sleep(0.05)

@@ -89,7 +89,8 @@ class Config(Record):
                  "job_info_timeout", "lock_timeout", "offline_node", "node_name", "keep_stage",
                  "syslog_socket", "cgroups", "cgroup_parent", "torque_cgroup_parent",
                  "memory_policy", "memory_cap", "limit_swap", "pids_max", "kill_timeout",
-                 "accounting_log", "identity", "tmpdir", "user_dirs", "job_starter")
+                 "accounting_log", "identity", "tmpdir", "user_dirs", "job_starter",
+                 "early_attach", "stage_grace")
 
     def __init__(self, path: str, images: tuple[Image, ...], binds: tuple[BindSpec, ...],
                  state_dir: str = "/var/lib/pbs_chroot", pbs_home: str = "/var/spool/torque",
@@ -104,7 +105,8 @@ class Config(Record):
                  accounting_log: str = "/var/log/pbs_chroot/accounting.jsonl",
                  identity: str = "generated", tmpdir: str = "",
                  user_dirs: tuple[str, ...] = (),
-                 job_starter: str = DEFAULT_JOB_STARTER) -> None:
+                 job_starter: str = DEFAULT_JOB_STARTER, early_attach: bool = True,
+                 stage_grace: float = 0.0) -> None:
         self.path = path
         self.images = images
         self.binds = binds
@@ -133,6 +135,10 @@ class Config(Record):
         # pbs_mom's $job_starter: a pass-through on the host, its -nnp sibling
         # bound over it in every stage ('' = none: not a Torque node).
         self.job_starter = job_starter
+        # Issue 16: move the job process into its cgroup while the request is being
+        # checked (early.py); keep a stage its last job left for this many seconds.
+        self.early_attach = early_attach
+        self.stage_grace = stage_grace
 
     def image(self, path: str) -> Optional[Image]:
         """The allowlisted image whose path equals ``path`` as text, or None."""
@@ -263,6 +269,7 @@ _FIELDS = {
     "memory_policy": "policy", "memory_cap": "size", "limit_swap": "bool", "pids_max": "count",
     "kill_timeout": "seconds", "accounting_log": "abspath", "identity": "identity",
     "tmpdir": "abspath", "user_dirs": "userdirs", "job_starter": "starter",
+    "early_attach": "bool", "stage_grace": "grace",
 }
 _IDENTITY_MODES = ("generated", "host", "nscd")
 _SPECIAL_SOURCES = ("proc", "tmpfs")
@@ -297,6 +304,14 @@ def _convert(path: str, key: str, value: str) -> object:
         return dirs
     if kind in ("size", "count"):
         return _number(path, key, value, kind)
+    if kind == "grace":  # 0: none
+        try:
+            grace = float(value)
+        except ValueError:
+            grace = -1.0
+        if not 0 <= grace <= 3600:
+            raise ConfigError(f"config {path}: {key} must be a number of seconds [0, 3600]")
+        return grace
     if kind == "seconds":
         try:
             seconds = float(value)

@@ -51,19 +51,36 @@ def _prologue(cfg: Config, argv: Sequence[str]) -> None:
         raise SiteError(f"prologue called with {len(argv) - 1} arguments, pbs_mom passes "
                         f"at least {_PROLOGUE_ARGS}")
     job = lifecycle.Job(check_job_id(argv[1]), argv[2], argv[3], argv[6], argv[5])
+    pid = _future_job_process(argv[0])
+    if cfg.cgroups and cfg.early_attach and pid is not None:
+        # The server query overlaps the move into the cgroup (early.py); a refusal
+        # undoes the job's start, moving the process back out first.
+        ensure_layout(cfg.state_dir)
+        chosen: list[Optional[str]] = []
+        version = lifecycle.start_job(cfg, job, None, pid,
+                                      lambda: _checked(cfg, job, chosen))
+        image = chosen[0] if chosen else None
+    else:
+        image = _checked(cfg, job, [])
+        if image is None and not cfg.cgroups:
+            return
+        ensure_layout(cfg.state_dir)
+        version = lifecycle.start_job(cfg, job, image, pid)
+    if image is not None:
+        logger.info("job %s (user %s, queue %s) runs in image %s (version %s)",
+                    job.job_id, job.user, job.queue, image, version)
+
+
+def _checked(cfg: Config, job: lifecycle.Job, chosen: list[Optional[str]]) -> Optional[str]:
+    """The allowlisted path the job asks for (None: no image), read from the server and
+    checked; UserError if refused. Also appended to ``chosen``."""
     from . import jobinfo  # the prologue's only: the epilogue need not load it
     variables = jobinfo.read_variables(job.job_id, source=cfg.job_info, qstat=cfg.qstat,
                                        timeout=cfg.job_info_timeout)
     image = gate.check_request(variables.entries, jobinfo.lossy_names(variables.raw), cfg,
                                job.user, job.queue)
-    if image is None and not cfg.cgroups:
-        return
-    ensure_layout(cfg.state_dir)
-    version = lifecycle.start_job(cfg, job, image.path if image else None,
-                                  _future_job_process(argv[0]))
-    if image is not None:
-        logger.info("job %s (user %s, queue %s) runs in image %s (version %s)",
-                    job.job_id, job.user, job.queue, image.path, version)
+    chosen.append(image.path if image is not None else None)
+    return chosen[-1]
 
 
 def _shun_oom_killer() -> None:

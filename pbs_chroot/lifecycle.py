@@ -10,6 +10,7 @@ import os
 import time
 
 from . import cgroups, faults, stage
+from .early import EarlyAttach, origin_dirs
 from .errors import PbsChrootError
 from .log import get_logger
 from .record import Record
@@ -45,11 +46,15 @@ class Job(Record):
         self.resource_list = resource_list
 
 
-def start_job(cfg: Config, job: Job, image: Optional[str],
-              attach_pid: Optional[int]) -> Optional[str]:
+def start_job(cfg: Config, job: Job, image: Optional[str], attach_pid: Optional[int],
+              check: Optional[Callable[[], Optional[str]]] = None) -> Optional[str]:
     """Record the job, make its cgroup, join its stage, attach its process; undo on failure.
 
-    Returns the image version the job's stage is of (resolved under the node lock).
+    check: when given, it decides the image (None: no image) and raises if the
+    request is refused; it runs after the cgroup is made, while ``attach_pid``
+    is being moved into it (early.py), and a refusal undoes everything,
+    moving the process back out first. Returns the image version the job's
+    stage is of (resolved under the node lock).
     """
     version = None
     record: dict[str, Any] = {"job_id": job.job_id, "user": job.user, "group": job.group,
@@ -61,6 +66,13 @@ def start_job(cfg: Config, job: Job, image: Optional[str],
         faults.point("recorded")
         cg = _make_cgroup(cfg, job, record, undo) if cfg.cgroups else None
         faults.point("cgroup_created")
+        late = cg is not None and attach_pid is not None and record["cgroup"]["owned"]
+        early = None
+        if check is not None:
+            if late and cg is not None and attach_pid is not None:
+                early = _attach_early(cfg, cg, attach_pid, record, undo)
+            late = late and early is None
+            image = record["image"] = check()
         if image is not None:
             record["stage"] = "joining"
             save_record(cfg.state_dir, record)
@@ -68,7 +80,11 @@ def start_job(cfg: Config, job: Job, image: Optional[str],
             version = stage.join_image(cfg, job.job_id, image, job.user)
             faults.point("stage_joined")
             record["stage"], record["version"] = "joined", version
-        if cg is not None and attach_pid is not None and record["cgroup"]["owned"]:
+        if early is not None:
+            early.wait(cfg.lock_timeout)
+            faults.point("attached")
+        elif late:
+            assert cg is not None and attach_pid is not None
             record["cgroup"]["attached"] = attach_pid
             save_record(cfg.state_dir, record)
             cg.attach(attach_pid)
@@ -78,6 +94,22 @@ def start_job(cfg: Config, job: Job, image: Optional[str],
         undo.pop_all()
     faults.point("started")
     return version
+
+
+def _attach_early(cfg: Config, cg: cgroups.JobCgroup, pid: int, record: dict[str, Any],
+                  undo: Undo) -> Optional[EarlyAttach]:
+    """Start moving ``pid`` into ``cg`` in a thread (None: where it is now is unknown, so
+    it is moved later, the usual way); the undo moves it back where it was."""
+    origin = origin_dirs(cg, cgroups.Layout(*record["cgroup"]["layout"]), pid)
+    if origin is None:
+        return None
+    record["cgroup"]["attached"] = pid
+    record["cgroup"]["origin"] = origin
+    save_record(cfg.state_dir, record)
+    early = EarlyAttach(cg, pid, origin)
+    # Runs before the cgroup's own removal (undo is last in, first out).
+    undo.callback(_best_effort, early.detach, cfg.lock_timeout)
+    return early
 
 
 def _make_cgroup(cfg: Config, job: Job, record: dict[str, Any],
@@ -140,6 +172,10 @@ def end_job(cfg: Config, job_id: str, exit_status: str = "",
             save_record(cfg.state_dir, record)
         stage.leave_all(cfg, job_id)
         faults.point("end:stage_left")
+        pending = stage.pending_teardowns()
+        if pending:  # an idle stage's teardown, after its grace period (the lock is free)
+            from .deferred import spawn_worker
+            spawn_worker(cfg, pending)
     if cg is not None and record["cgroup"].get("owned"):
         cg.remove()
         faults.point("end:cgroup_removed")

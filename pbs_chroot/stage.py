@@ -26,7 +26,8 @@ if TYPE_CHECKING:
     from .config import Config
 
 __all__ = ["stage_dir", "bind_set", "join", "join_image", "join_locked", "leave", "leave_all",
-           "sweep", "members", "memberships", "version_of"]
+           "sweep", "sweep_idle", "pending_teardowns", "idle_deadline", "members",
+           "memberships", "version_of"]
 
 log = get_logger(__name__)
 
@@ -34,6 +35,10 @@ _AUDIT_SECONDS = 10
 _ID_FILES = ("/etc/passwd", "/etc/group")
 _SHADOW_FILES = ("/etc/shadow", "/etc/gshadow")
 _NSCD = "/var/run/nscd"
+_IDLE = "idle"  # in a stage's directory: its last job left; holds the teardown deadline
+_WORKER = "worker"  # in a stage's directory: "PID START" of its deferred-teardown worker
+# Stages this process marked idle: (version, deadline), for deferred.spawn_worker.
+_pending: list[tuple[str, float]] = []
 
 
 def stage_dir(cfg: Config, version: str) -> str:
@@ -138,6 +143,7 @@ def join_locked(cfg: Config, job_ids: Sequence[str], version: str,
     elif problem:
         _build(cfg, sdir, version, steps, info, mode)
     faults.point("stage:ready")
+    _unlink(os.path.join(sdir, _IDLE))  # in use again: no deferred teardown may take it
     for job_id, user in zip(job_ids, list(users) + [""] * (len(job_ids) - len(users))):
         _touch(os.path.join(sdir, "members", job_id), user)
         log.info("job %s joined stage %s", job_id, version)
@@ -206,20 +212,122 @@ def _leave_locked(cfg: Config, job_id: str, sdir: str) -> bool:
         identity.refresh(sdir)
         log.info("job %s left stage %s (%d job(s) remain)", job_id, version, len(left))
         return False
+    if cfg.stage_grace > 0 and _is_ready(info):
+        deadline = time.time() + cfg.stage_grace
+        _touch(os.path.join(sdir, _IDLE), f"{deadline:.6f}\n")  # on disk before any worker
+        faults.point("stage:idle_marked")
+        identity.refresh(sdir)
+        if not worker_alive(sdir):  # one worker per stage: a live one waits on
+            _pending.append((version, deadline))
+        log.info("job %s left stage %s, the last one: kept %g s more", job_id, version,
+                 cfg.stage_grace)
+        return False
     _destroy(sdir, version)
     log.info("job %s left stage %s, the last one: torn down", job_id, version)
     return True
 
 
 def sweep(cfg: Config, version: str) -> bool:
-    """Tear down the stage of ``version`` if it has no members (and policy allows)."""
+    """Tear down the stage of ``version`` if it has no members (and policy allows): not
+    before the deadline of an idle stage's grace period."""
     sdir = stage_dir(cfg, version)
     with node_lock(cfg.state_dir, cfg.lock_timeout):
         if not os.path.isdir(sdir) or members(sdir) or cfg.keep_stage:
             return False
+        deadline = idle_deadline(sdir)
+        if deadline is not None and deadline > time.time():
+            return False
         _destroy(sdir, version)
     log.info("stage %s had no jobs left: torn down", version)
     return True
+
+
+def sweep_idle(cfg: Config, version: str) -> bool:
+    """The deferred teardown (deferred.py): tear down the stage of ``version`` if it is
+    still idle (no job joined since it was marked) and its deadline has passed."""
+    sdir = stage_dir(cfg, version)
+    with node_lock(cfg.state_dir, cfg.lock_timeout):
+        deadline = idle_deadline(sdir)
+        if deadline is None or deadline > time.time() or members(sdir) or cfg.keep_stage:
+            return False
+        _destroy(sdir, version)
+    log.info("stage %s idle for its grace period: torn down", version)
+    return True
+
+
+def worker_done(cfg: Config, version: str, pid: int) -> bool:
+    """For the worker: whether its stage needs it no more (not idle, or gone); if so, its
+    mark is removed, under the node lock, so a job leaving later starts a new worker."""
+    sdir = stage_dir(cfg, version)
+    with node_lock(cfg.state_dir, cfg.lock_timeout):
+        if idle_deadline(sdir) is not None and not members(sdir):
+            return False
+        _unlink(os.path.join(sdir, _IDLE))  # (a mark beside members is stale)
+        if _worker_of(sdir)[0] == pid:
+            _unlink(os.path.join(sdir, _WORKER))
+    return True
+
+
+def set_worker(cfg: Config, version: str, pid: int) -> None:
+    """Note the deferred-teardown worker of the stage of ``version``."""
+    sdir = stage_dir(cfg, version)
+    if os.path.isdir(sdir):
+        _touch(os.path.join(sdir, _WORKER), f"{pid} {_start_time(pid)}\n")
+
+
+def worker_alive(sdir: str) -> bool:
+    """Whether the stage's noted worker still runs (the same process: pid and start time)."""
+    pid, start = _worker_of(sdir)
+    return pid > 0 and start != "" and _start_time(pid) == start
+
+
+def _worker_of(sdir: str) -> tuple[int, str]:
+    try:
+        with open(os.path.join(sdir, _WORKER), "rb") as f:
+            words = f.read(64).decode("ascii", "replace").split()
+    except OSError:
+        return 0, ""
+    ok = len(words) == 2 and words[0].isdigit()
+    return (int(words[0]), words[1]) if ok else (0, "")
+
+
+def _start_time(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def idle_deadline(sdir: str) -> Optional[float]:
+    """When an idle stage is to be torn down (None: not idle); unreadable: now."""
+    try:
+        with open(os.path.join(sdir, _IDLE), "rb") as f:
+            text = f.read(64).decode("ascii", "replace").strip()
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return 0.0
+    try:
+        return float(text)
+    except ValueError:
+        return 0.0
+
+
+def pending_teardowns() -> list[tuple[str, float]]:
+    """The stages this process marked idle since the last call: (version, deadline)."""
+    out = list(_pending)
+    del _pending[:]
+    return out
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        raise StateError(f"can't remove {path}: {e.strerror}") from e
 
 
 def _is_ready(info: Optional[Any]) -> bool:

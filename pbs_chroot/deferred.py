@@ -1,0 +1,114 @@
+"""An idle stage's teardown, deferred: a detached worker tears it down after the grace period.
+
+Run as root by the epilogue (and the runner), after the node lock is released. With
+``stage_grace`` seconds configured, the last job to leave a stage does not tear it
+down: stage.py marks it idle (STATE_DIR/stages/KEY/idle holds the deadline) and this
+module forks a worker, detached from the hook (a session of its own, stdio on
+/dev/null, reparented to init), that sleeps until the deadline and then calls
+stage.sweep_idle under the node lock. A job that joins meanwhile removes the mark,
+and the worker then leaves the stage alone. The epilogue returns as soon as the
+job's processes are dead and its accounting is written.
+
+Crash-safe: the mark is on disk before the worker exists, so if the worker never
+runs or dies (a reboot, pbs_mom's unit killing its control group, SIGKILL),
+`pbs-chroot cleanup` (reconcile.py, at mom start and from a timer) finishes the
+teardown once the deadline has passed. Trusts only the state directory.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+from . import log as log_mod
+from .log import get_logger
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from .config import Config
+
+__all__ = ["spawn_worker"]
+
+log = get_logger(__name__)
+
+
+def spawn_worker(cfg: Config, pending: list[tuple[str, float]]) -> int:
+    """Fork the detached worker for ``pending`` (version, deadline); return its pid (0: none).
+
+    The caller must not hold the node lock: a forked child would keep its flock.
+    """
+    if not pending:
+        return 0
+    r, w = os.pipe()
+    try:
+        pid = os.fork()
+    except OSError as e:  # the stage stays idle: the reconciler tears it down later
+        os.close(r)
+        os.close(w)
+        log.error("can't start the teardown worker for %s: %s (pbs-chroot cleanup will)",
+                  ", ".join(v for v, _ in pending), e.strerror)
+        return 0
+    if pid == 0:  # the intermediate child: never returns
+        code = 1
+        try:
+            os.close(r)
+            os.setsid()
+            worker = os.fork()
+            if worker == 0:
+                os.close(w)
+                log_mod.setup("pbs-chroot-teardown", cfg.syslog_socket)  # closes the hook's
+                _detach_stdio()
+                _run(cfg, pending)
+                code = 0
+            else:
+                os.write(w, f"{worker}\n".encode())
+                code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    try:
+        with open(r, "rb", closefd=True) as f:
+            text = f.read().decode("ascii", "replace").strip()
+        os.waitpid(pid, 0)  # the intermediate child exits at once: no zombie left
+    except OSError as e:
+        log.error("teardown worker: %s", e.strerror)
+        return 0
+    worker = int(text) if text.isdigit() else 0
+    if worker:
+        from . import stage
+        for version, deadline in pending:
+            stage.set_worker(cfg, version, worker)
+        log.info("stage(s) %s idle: teardown worker %d, in %g s", ", ".join(
+            v for v, _ in pending), worker, cfg.stage_grace)
+    return worker
+
+
+def _detach_stdio() -> None:
+    """stdin/stdout/stderr on /dev/null (the hook's are the job's output files); no other fd
+    (none of what pbs_mom gave the hook is held open for the grace period)."""
+    fd = os.open("/dev/null", os.O_RDWR)
+    for target in (0, 1, 2):
+        os.dup2(fd, target)
+    os.closerange(3, 1 << 16)
+
+
+def _run(cfg: Config, pending: list[tuple[str, float]]) -> None:
+    from . import stage
+    from .errors import PbsChrootError
+    me = os.getpid()
+    for version, _ in sorted(pending, key=lambda p: p[1]):
+        try:
+            # A job may join and leave again meanwhile: the mark's deadline moves on,
+            # and this worker waits on for it rather than another one starting.
+            while not stage.worker_done(cfg, version, me):
+                deadline = stage.idle_deadline(stage.stage_dir(cfg, version)) or 0.0
+                if deadline > time.time():
+                    time.sleep(min(deadline - time.time(), cfg.stage_grace) + 0.01)
+                elif stage.sweep_idle(cfg, version):
+                    break
+                else:  # keep_stage, or a clock step: look again, unhurried
+                    time.sleep(0.1)
+        except PbsChrootError as e:
+            log.error("deferred teardown of stage %s failed: %s (pbs-chroot cleanup will "
+                      "retry)", version, e.detail)
+        except Exception as e:  # a bug: logged; the reconciler still finishes the job
+            log.exception("deferred teardown of stage %s failed: %r", version, e)
