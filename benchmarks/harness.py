@@ -51,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--lever", metavar="KEY=VALUE",
                    help="measure one setting against the config without it, in the same run "
                    "(blocks of jobs alternating); with --only throughput")
-    p.add_argument("--only", choices=("throughput",),
+    p.add_argument("--only", choices=("throughput", "lever"),
                    help="run only this section (and its reference points)")
     return p
 
@@ -161,6 +161,9 @@ def _child(plan: dict) -> dict:
             _say(f"lever {plan['lever']}: {tn} jobs per variant and case")
             res["lever"] = sections.lever(mom, node, ids, tn,
                                           plan["lever"].replace("=", " = ", 1))
+        if plan["only"] == "lever":
+            res["namespace"] = _namespace_check(node, base_mounts)
+            return res
         _say(f"throughput: {tn} trivial jobs x 3 cases, one after another")
         res["throughput"] = sections.throughput(mom, node, ids, tn, plan["mom_ms"])
         _say(f"warm hook pair vs python -IS -c pass x{min(tn, 100)}")

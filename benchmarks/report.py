@@ -91,11 +91,21 @@ def _throughput_budgets(res: dict) -> list:
 
 def throughput_text(res: dict) -> str:
     """The throughput section of the table."""
-    tp, wp = res.get("throughput"), res.get("warm_pair")
+    tp, wp, lv = res.get("throughput"), res.get("warm_pair"), res.get("lever")
+    out = []
+    if lv:
+        out.append(f"  lever `{lv['setting']}` (B) against the config without it (A), "
+                   f"{lv['n']} jobs each, blocks of {lv['block']}:\n")
+        for case in ("noimage", "image"):
+            c = lv[case]
+            out.append(f"    {case:<8} pair A {c['A_pair']['median']:.1f} (p90 "
+                       f"{c['A_pair']['p90']:.1f}) -> B {c['B_pair']['median']:.1f} (p90 "
+                       f"{c['B_pair']['p90']:.1f}) ms: x{c['pair_ratio']:.3f}; whole job "
+                       f"{c['A_job']['median']:.1f} -> {c['B_job']['median']:.1f} ms\n")
     if not tp:
-        return ""
-    out = [f"6. Throughput: {tp['jobs']} trivial jobs per case, one after another, interleaved; "
-           f"pbs_mom's own work modelled as {tp['mom_ms']:g} ms/job\n"]
+        return "".join(out)
+    out += [f"6. Throughput: {tp['jobs']} trivial jobs per case, one after another, "
+            f"interleaved; pbs_mom's own work modelled as {tp['mom_ms']:g} ms/job\n"]
     for case, label in (("none", "no hooks"), ("noimage", "hooks, no image"),
                         ("image", "hooks, job in the image")):
         c = tp[case]
@@ -106,16 +116,6 @@ def throughput_text(res: dict) -> str:
         out.append(line + "\n")
     out.append(f"  `python -IS -c pass` in the same rounds: {tp['startup_IS']['median']:.1f} ms "
                f"(p90 {tp['startup_IS']['p90']:.1f})\n")
-    lv = res.get("lever")
-    if lv:
-        out.append(f"  lever `{lv['setting']}` (B) against the config without it (A), "
-                   f"{lv['n']} jobs each, blocks of {lv['block']}:\n")
-        for case in ("noimage", "image"):
-            c = lv[case]
-            out.append(f"    {case:<8} pair A {c['A_pair']['median']:.1f} (p90 "
-                       f"{c['A_pair']['p90']:.1f}) -> B {c['B_pair']['median']:.1f} (p90 "
-                       f"{c['B_pair']['p90']:.1f}) ms: x{c['pair_ratio']:.3f}; whole job "
-                       f"{c['A_job']['median']:.1f} -> {c['B_job']['median']:.1f} ms\n")
     if wp:
         out.append(f"  warm pair (stage held by another job), x{wp['n']}, alternating with "
                    f"`python -IS -c pass`: prologue {wp['prologue']['median']:.1f} + epilogue "

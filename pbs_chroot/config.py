@@ -90,7 +90,7 @@ class Config(Record):
                  "syslog_socket", "cgroups", "cgroup_parent", "torque_cgroup_parent",
                  "memory_policy", "memory_cap", "limit_swap", "pids_max", "kill_timeout",
                  "accounting_log", "identity", "tmpdir", "user_dirs", "job_starter",
-                 "early_attach", "stage_grace")
+                 "early_attach", "stage_grace", "defer_teardown")
 
     def __init__(self, path: str, images: tuple[Image, ...], binds: tuple[BindSpec, ...],
                  state_dir: str = "/var/lib/pbs_chroot", pbs_home: str = "/var/spool/torque",
@@ -106,7 +106,7 @@ class Config(Record):
                  identity: str = "generated", tmpdir: str = "",
                  user_dirs: tuple[str, ...] = (),
                  job_starter: str = DEFAULT_JOB_STARTER, early_attach: bool = True,
-                 stage_grace: float = 0.0) -> None:
+                 stage_grace: float = 0.0, defer_teardown: bool = False) -> None:
         self.path = path
         self.images = images
         self.binds = binds
@@ -139,6 +139,7 @@ class Config(Record):
         # checked (early.py); keep a stage its last job left for this many seconds.
         self.early_attach = early_attach
         self.stage_grace = stage_grace
+        self.defer_teardown = defer_teardown  # the epilogue leaves the undoing to a worker
 
     def image(self, path: str) -> Optional[Image]:
         """The allowlisted image whose path equals ``path`` as text, or None."""
@@ -269,7 +270,7 @@ _FIELDS = {
     "memory_policy": "policy", "memory_cap": "size", "limit_swap": "bool", "pids_max": "count",
     "kill_timeout": "seconds", "accounting_log": "abspath", "identity": "identity",
     "tmpdir": "abspath", "user_dirs": "userdirs", "job_starter": "starter",
-    "early_attach": "bool", "stage_grace": "grace",
+    "early_attach": "bool", "stage_grace": "grace", "defer_teardown": "bool",
 }
 _IDENTITY_MODES = ("generated", "host", "nscd")
 _SPECIAL_SOURCES = ("proc", "tmpfs")

@@ -24,19 +24,39 @@ from .log import get_logger
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Sequence
+
     from .config import Config
 
-__all__ = ["spawn_worker"]
+__all__ = ["spawn_worker", "after_leave"]
 
 log = get_logger(__name__)
 
+_in_worker = False
+_queue: list[tuple[str, float]] = []  # in the worker: idle stages it is to wait for
 
-def spawn_worker(cfg: Config, pending: list[tuple[str, float]]) -> int:
-    """Fork the detached worker for ``pending`` (version, deadline); return its pid (0: none).
+
+def after_leave(cfg: Config, pending: list[tuple[str, float]]) -> int:
+    """Have the stages just marked idle torn down after their grace period: by a new
+    worker, or by this one if this process is a worker already."""
+    if _in_worker:
+        from . import stage
+        for version, _ in pending:
+            stage.set_worker(cfg, version, os.getpid())
+        _queue.extend(pending)
+        return os.getpid()
+    return spawn_worker(cfg, pending)
+
+
+def spawn_worker(cfg: Config, pending: list[tuple[str, float]],
+                 jobs: Sequence[str] = ()) -> int:
+    """Fork the detached worker: it finishes ``jobs`` (lifecycle.end_job, whose processes
+    are dead and accounting written), then waits for the idle stages ``pending``
+    (version, deadline) and tears them down. Returns its pid (0: none was started).
 
     The caller must not hold the node lock: a forked child would keep its flock.
     """
-    if not pending:
+    if not pending and not jobs:
         return 0
     r, w = os.pipe()
     try:
@@ -45,7 +65,7 @@ def spawn_worker(cfg: Config, pending: list[tuple[str, float]]) -> int:
         os.close(r)
         os.close(w)
         log.error("can't start the teardown worker for %s: %s (pbs-chroot cleanup will)",
-                  ", ".join(v for v, _ in pending), e.strerror)
+                  ", ".join([v for v, _ in pending] + list(jobs)), e.strerror)
         return 0
     if pid == 0:  # the intermediate child: never returns
         code = 1
@@ -57,7 +77,8 @@ def spawn_worker(cfg: Config, pending: list[tuple[str, float]]) -> int:
                 os.close(w)
                 log_mod.setup("pbs-chroot-teardown", cfg.syslog_socket)  # closes the hook's
                 _detach_stdio()
-                _run(cfg, pending)
+                _finish_jobs(cfg, jobs)
+                _run(cfg, pending + _queue)
                 code = 0
             else:
                 os.write(w, f"{worker}\n".encode())
@@ -73,12 +94,14 @@ def spawn_worker(cfg: Config, pending: list[tuple[str, float]]) -> int:
         log.error("teardown worker: %s", e.strerror)
         return 0
     worker = int(text) if text.isdigit() else 0
-    if worker:
+    if worker and pending:
         from . import stage
         for version, deadline in pending:
             stage.set_worker(cfg, version, worker)
         log.info("stage(s) %s idle: teardown worker %d, in %g s", ", ".join(
             v for v, _ in pending), worker, cfg.stage_grace)
+    if worker and jobs:
+        log.info("job(s) %s: teardown worker %d, now", ", ".join(jobs), worker)
     return worker
 
 
@@ -89,6 +112,22 @@ def _detach_stdio() -> None:
     for target in (0, 1, 2):
         os.dup2(fd, target)
     os.closerange(3, 1 << 16)
+
+
+def _finish_jobs(cfg: Config, jobs: Sequence[str]) -> None:
+    global _in_worker
+    from . import faults, lifecycle
+    from .errors import PbsChrootError
+    _in_worker = True
+    faults.point("deferred:start")
+    for job_id in jobs:
+        try:
+            lifecycle.end_job(cfg, job_id)
+        except PbsChrootError as e:
+            log.error("deferred end of job %s failed: %s (pbs-chroot cleanup will retry)",
+                      job_id, e.detail)
+        except Exception as e:  # a bug: logged; the reconciler still finishes the job
+            log.exception("deferred end of job %s failed: %r", job_id, e)
 
 
 def _run(cfg: Config, pending: list[tuple[str, float]]) -> None:

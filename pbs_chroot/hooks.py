@@ -119,7 +119,7 @@ def _epilogue(cfg: Config, argv: Sequence[str]) -> None:
         raise SiteError(f"epilogue called with {len(argv) - 1} arguments, pbs_mom passes "
                         f"at least {_EPILOGUE_ARGS}")
     job_id = check_job_id(argv[1])
-    acct = lifecycle.end_job(cfg, job_id, argv[10])
+    acct = lifecycle.end_job(cfg, job_id, argv[10], defer=cfg.defer_teardown)
     if acct and acct.get("oom_kills"):
         _tell_user(job_id, oom_message(acct))
 

@@ -142,9 +142,12 @@ def job_cgroup_of(record: dict[str, Any]) -> Optional[cgroups.JobCgroup]:
 
 
 def end_job(cfg: Config, job_id: str, exit_status: str = "",
-            recovered: bool = False) -> Optional[dict[str, Any]]:
+            recovered: bool = False, defer: bool = False) -> Optional[dict[str, Any]]:
     """Undo whatever start_job() got done for ``job_id``; idempotent.
 
+    defer: return once the job's processes are dead and its accounting is
+    written, leaving the rest (stage, cgroup, record) to a detached worker
+    (deferred.py); if that never finishes, the reconciler does, from the record.
     Returns the accounting record written (None if the job had no record).
     A process that survives SIGKILL raises CgroupError and leaves the record
     for the reconciler: the stage stays too, since that process may hold it.
@@ -166,6 +169,10 @@ def end_job(cfg: Config, job_id: str, exit_status: str = "",
             faults.point("end:accounted")
             record["accounted"] = True
             save_record(cfg.state_dir, record)
+    if defer and (record.get("stage") or cg is not None):
+        from .deferred import spawn_worker
+        if spawn_worker(cfg, [], [job_id]):
+            return acct
     if record.get("stage"):
         if record["stage"] != "leaving":  # from now on, image switches pass it by
             record["stage"] = "leaving"
@@ -173,9 +180,9 @@ def end_job(cfg: Config, job_id: str, exit_status: str = "",
         stage.leave_all(cfg, job_id)
         faults.point("end:stage_left")
         pending = stage.pending_teardowns()
-        if pending:  # an idle stage's teardown, after its grace period (the lock is free)
-            from .deferred import spawn_worker
-            spawn_worker(cfg, pending)
+        if pending:  # an idle stage's teardown after its grace period (the lock is free)
+            from .deferred import after_leave
+            after_leave(cfg, pending)
     if cg is not None and record["cgroup"].get("owned"):
         cg.remove()
         faults.point("end:cgroup_removed")

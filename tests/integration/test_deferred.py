@@ -14,7 +14,8 @@ import pytest
 from pbs_chroot import cgroups, config, lifecycle, stage
 from pbs_chroot.errors import UserError
 from pbs_chroot.state import ensure_layout, load_record
-from tests.conftest import CG_PARENT, USER, Node, mount_points, pbs_chroot_cli
+from tests.conftest import (CG_PARENT, USER, Node, Site, Syslog, home_of, mount_points,
+                            pbs_chroot_cli)
 
 pytestmark = [pytest.mark.root,
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root: mounts, cgroups")]
@@ -178,7 +179,6 @@ def test_a_job_joining_an_idle_stage_keeps_it(node: Node) -> None:
     assert first.epilogue_rc == 0, first.stderr
     holder = node.job(node.rootdir(), holder_script)
     running = node.emu.start(holder)
-    from tests.conftest import home_of
     started = home_of(USER) / f"started.{holder.job_id}"
     until(lambda: running.poll() is not None or started.exists(), 30, "holder did not start")
     time.sleep(1.5)  # past the first grace period: the worker must leave a used stage alone
@@ -188,3 +188,45 @@ def test_a_job_joining_an_idle_stage_keeps_it(node: Node) -> None:
     until(lambda: not stage_mounted(node), 30, "the stage was not torn down after its grace")
     until(lambda: not any(is_alive(p) for p in worker_pids(node)), 10, "a worker lives on")
     node.assert_clean()
+
+
+# --- the epilogue's teardown, deferred -----------------------------------------------------------
+
+def test_deferred_teardown_is_finished_by_the_worker(node: Node) -> None:
+    node.configure("defer_teardown = yes\n")
+    before = mount_points()
+    job = node.job(node.rootdir())
+    res = node.emu.run(job)
+    assert res.action == "ran" and res.epilogue_rc == 0 and "proc-ok" in res.stdout, res.stderr
+    workers = worker_pids(node)
+    assert workers
+    until(lambda: not any(is_alive(p) for p in workers), 30, "the worker did not finish")
+    assert mount_points() == before
+    node.assert_clean()
+    assert [a["job_id"] for a in node.site.accounting_lines()] == [job.job_id]
+
+
+def test_killed_deferred_worker_leaves_the_job_to_the_reconciler(site: Site,
+                                                                 syslog: Syslog) -> None:
+    n = Node(site, syslog, hook_env={"PBS_CHROOT_TEST_KILL_AT": "deferred:start"})
+    try:
+        n.configure("defer_teardown = yes\n")
+        before = mount_points()
+        job = n.job(n.rootdir())
+        res = n.emu.run(job)
+        assert res.action == "ran" and res.epilogue_rc == 0, res.stderr
+        (worker,) = worker_pids(n)
+        until(lambda: not is_alive(worker), 10, "the worker did not die at its fault point")
+        # What the epilogue left: the job's processes dead, its accounting written ...
+        assert [a["job_id"] for a in n.site.accounting_lines()] == [job.job_id]
+        cfg = config.load(str(n.site.config))
+        rec = load_record(cfg.state_dir, job.job_id)
+        assert rec is not None and rec["accounted"]
+        assert stage_mounted(n)  # ... the stage and the record the worker never got to
+        res2 = pbs_chroot_cli("--config", str(n.site.config), "cleanup")
+        assert res2.returncode == 0 and f"finished job {job.job_id}" in res2.stdout, res2.stderr
+        assert mount_points() == before
+        n.assert_clean()
+        assert len(n.site.accounting_lines()) == 1  # not accounted twice
+    finally:
+        n.emu.cleanup()
