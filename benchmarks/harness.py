@@ -160,7 +160,8 @@ def _child(plan: dict) -> dict:
         if plan["lever"]:
             _say(f"lever {plan['lever']}: {tn} jobs per variant and case")
             res["lever"] = sections.lever(mom, node, ids, tn,
-                                          plan["lever"].replace("=", " = ", 1))
+                                          plan["lever"].replace("=", " = ", 1),
+                                          plan["mom_ms"])
         if plan["only"] == "lever":
             res["namespace"] = _namespace_check(node, base_mounts)
             return res

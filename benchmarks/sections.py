@@ -481,15 +481,18 @@ def warm_pair(mom: Mom, node: Node, ids: Ids, n: int) -> dict:
             "startup_IS": s, "ratio": round(p["median"] / s["median"], 2)}
 
 
-def lever(mom: Mom, node: Node, ids: Ids, n: int, setting: str, block: int = 8) -> dict:
+def lever(mom: Mom, node: Node, ids: Ids, n: int, setting: str, mom_ms: float,
+          block: int = 8) -> dict:
     """One lever, measured against the config without it in the same run: blocks of
     ``block`` trivial jobs with the config as given (A) and with ``setting`` added (B),
     alternating; the first job of each block is not counted (it may meet the other
     config's stage). Per case (no image; in the image, no other job holding its stage):
-    the hook pair and the job's whole time (mom.py's own work included)."""
+    the hook pair and the job's whole time (mom.py's own work included). Each job starts
+    after ``mom_ms`` of quiet, as in the throughput section (the cgroup v1 attach waits
+    for an RCU grace period after a quiet spell only)."""
     image = [("PBS_O_ROOTDIR", str(node.image))]
     cases = {"noimage": [("MYVAR", "x")], "image": image}
-    out: dict = {"setting": setting, "n": n, "block": block}
+    out: dict = {"setting": setting, "n": n, "block": block, "mom_ms": mom_ms}
     data: dict = {(c, v): {"pair": [], "job": []} for c in cases for v in "AB"}
     done = 0
     variant = "A"
@@ -497,6 +500,7 @@ def lever(mom: Mom, node: Node, ids: Ids, n: int, setting: str, block: int = 8) 
         node.write_config(main=setting + "\n" if variant == "B" else "")
         for k in range(block):
             for case, variables in cases.items():
+                time.sleep(mom_ms / 1000)
                 t0 = time.perf_counter_ns()
                 job = _must(mom.run(Job(ids(), variables, "shell", TRIVIAL)))
                 t1 = time.perf_counter_ns()

@@ -90,7 +90,7 @@ class Config(Record):
                  "syslog_socket", "cgroups", "cgroup_parent", "torque_cgroup_parent",
                  "memory_policy", "memory_cap", "limit_swap", "pids_max", "kill_timeout",
                  "accounting_log", "identity", "tmpdir", "user_dirs", "job_starter",
-                 "early_attach", "stage_grace", "defer_teardown")
+                 "early_attach", "stage_grace", "defer_teardown", "identity_cache")
 
     def __init__(self, path: str, images: tuple[Image, ...], binds: tuple[BindSpec, ...],
                  state_dir: str = "/var/lib/pbs_chroot", pbs_home: str = "/var/spool/torque",
@@ -106,7 +106,8 @@ class Config(Record):
                  identity: str = "generated", tmpdir: str = "",
                  user_dirs: tuple[str, ...] = (),
                  job_starter: str = DEFAULT_JOB_STARTER, early_attach: bool = True,
-                 stage_grace: float = 0.0, defer_teardown: bool = False) -> None:
+                 stage_grace: float = 0.0, defer_teardown: bool = False,
+                 identity_cache: float = 60.0) -> None:
         self.path = path
         self.images = images
         self.binds = binds
@@ -140,6 +141,7 @@ class Config(Record):
         self.early_attach = early_attach
         self.stage_grace = stage_grace
         self.defer_teardown = defer_teardown  # the epilogue leaves the undoing to a worker
+        self.identity_cache = identity_cache  # a stage's passwd/group kept for one user set
 
     def image(self, path: str) -> Optional[Image]:
         """The allowlisted image whose path equals ``path`` as text, or None."""
@@ -271,6 +273,7 @@ _FIELDS = {
     "kill_timeout": "seconds", "accounting_log": "abspath", "identity": "identity",
     "tmpdir": "abspath", "user_dirs": "userdirs", "job_starter": "starter",
     "early_attach": "bool", "stage_grace": "grace", "defer_teardown": "bool",
+    "identity_cache": "grace",
 }
 _IDENTITY_MODES = ("generated", "host", "nscd")
 _SPECIAL_SOURCES = ("proc", "tmpfs")

@@ -147,7 +147,7 @@ def join_locked(cfg: Config, job_ids: Sequence[str], version: str,
     for job_id, user in zip(job_ids, list(users) + [""] * (len(job_ids) - len(users))):
         _touch(os.path.join(sdir, "members", job_id), user)
         log.info("job %s joined stage %s", job_id, version)
-    identity.refresh(sdir)
+    identity.refresh(sdir, cfg.identity_cache)
     for user in sorted(set(users) - {""}):
         # Homes and work directories that are links on the host (homes.py).
         for path in [_home_of(user)] + [d.replace("%u", user) for d in cfg.user_dirs]:
@@ -209,14 +209,14 @@ def _leave_locked(cfg: Config, job_id: str, sdir: str) -> bool:
     info = read_json(os.path.join(sdir, "info.json"))
     version = _version_in(info) or sdir
     if left or (cfg.keep_stage and _is_ready(info)):
-        identity.refresh(sdir)
+        identity.refresh(sdir, cfg.identity_cache)
         log.info("job %s left stage %s (%d job(s) remain)", job_id, version, len(left))
         return False
     if cfg.stage_grace > 0 and _is_ready(info):
         deadline = time.time() + cfg.stage_grace
         _touch(os.path.join(sdir, _IDLE), f"{deadline:.6f}\n")  # on disk before any worker
         faults.point("stage:idle_marked")
-        identity.refresh(sdir)
+        identity.refresh(sdir, cfg.identity_cache)
         if not worker_alive(sdir):  # one worker per stage: a live one waits on
             _pending.append((version, deadline))
         log.info("job %s left stage %s, the last one: kept %g s more", job_id, version,

@@ -230,3 +230,34 @@ def test_killed_deferred_worker_leaves_the_job_to_the_reconciler(site: Site,
         assert len(n.site.accounting_lines()) == 1  # not accounted twice
     finally:
         n.emu.cleanup()
+
+
+# --- a stage's passwd and group, cached per set of users ----------------------------------------
+
+def test_identity_files_are_made_again_only_when_the_users_change(tmp_path: Path) -> None:
+    from pbs_chroot import identity
+    from tests.conftest import OTHER
+    sdir = tmp_path / "stage"
+    identity.prepare(str(sdir))
+    (sdir / "image-passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
+    (sdir / "image-group").write_text("root:x:0:\n")
+    (sdir / "members" / "1.vm").write_text(USER)
+    passwd = sdir / "passwd"
+
+    def made() -> None:
+        passwd.write_text("stale\n")  # a mark: a refresh that writes replaces it
+    assert identity.refresh(str(sdir), 60) and USER in passwd.read_text()
+    made()
+    (sdir / "members" / "2.vm").write_text(USER)  # another job of the same user
+    assert identity.refresh(str(sdir), 60) and passwd.read_text() == "stale\n"
+    (sdir / "members" / "3.vm").write_text(OTHER)  # a new user: made again
+    assert identity.refresh(str(sdir), 60) and OTHER in passwd.read_text()
+    made()
+    (sdir / "members" / "3.vm").unlink()
+    assert identity.refresh(str(sdir), 60) and OTHER not in passwd.read_text()
+    made()
+    assert identity.refresh(str(sdir), 0) and USER in passwd.read_text()  # no cache
+    made()
+    old = time.time() - 120
+    os.utime(sdir / "identity.users", (old, old))  # too old: NSS is asked again
+    assert identity.refresh(str(sdir), 60) and USER in passwd.read_text()
