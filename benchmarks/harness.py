@@ -48,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a [pbs_chroot] setting for the hooks' config (repeatable), e.g. "
                    "stage_grace=5: to measure a lever")
-    p.add_argument("--lever", metavar="KEY=VALUE",
+    p.add_argument("--lever", metavar="KEY=VALUE[;KEY=VALUE]",
                    help="measure one setting against the config without it, in the same run "
                    "(blocks of jobs alternating); with --only throughput")
     p.add_argument("--only", choices=("throughput", "lever"),
@@ -160,7 +160,8 @@ def _child(plan: dict) -> dict:
         if plan["lever"]:
             _say(f"lever {plan['lever']}: {tn} jobs per variant and case")
             res["lever"] = sections.lever(mom, node, ids, tn,
-                                          plan["lever"].replace("=", " = ", 1),
+                                          "\n".join(kv.replace("=", " = ", 1) for kv in
+                                                    plan["lever"].split(";")),
                                           plan["mom_ms"])
         if plan["only"] == "lever":
             res["namespace"] = _namespace_check(node, base_mounts)

@@ -169,7 +169,7 @@ def end_job(cfg: Config, job_id: str, exit_status: str = "",
             faults.point("end:accounted")
             record["accounted"] = True
             save_record(cfg.state_dir, record)
-    if defer and (record.get("stage") or cg is not None):
+    if defer and record.get("stage"):  # (a cgroup's rmdir alone is not worth a fork)
         from .deferred import spawn_worker
         if spawn_worker(cfg, [], [job_id]):
             return acct
