@@ -9,8 +9,7 @@ from __future__ import annotations
 import os
 import time
 
-from . import cgroups, faults, stage
-from .early import EarlyAttach, origin_dirs
+from . import cgroups, faults
 from .errors import PbsChrootError
 from .log import get_logger
 from .record import Record
@@ -21,6 +20,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any, Callable, Optional
 
+    from . import early
     from .config import Config
 
 __all__ = ["FAULT_POINTS", "Job", "start_job", "end_job", "job_cgroup_of"]
@@ -74,6 +74,7 @@ def start_job(cfg: Config, job: Job, image: Optional[str], attach_pid: Optional[
             late = late and early is None
             image = record["image"] = check()
         if image is not None:
+            from . import stage  # (only for jobs in an image: mounts, identity, homes ...)
             record["stage"] = "joining"
             save_record(cfg.state_dir, record)
             undo.callback(_best_effort, stage.leave_all, cfg, job.job_id)
@@ -97,19 +98,20 @@ def start_job(cfg: Config, job: Job, image: Optional[str], attach_pid: Optional[
 
 
 def _attach_early(cfg: Config, cg: cgroups.JobCgroup, pid: int, record: dict[str, Any],
-                  undo: Undo) -> Optional[EarlyAttach]:
+                  undo: Undo) -> Optional[early.EarlyAttach]:
     """Start moving ``pid`` into ``cg`` in a thread (None: where it is now is unknown, so
     it is moved later, the usual way); the undo moves it back where it was."""
-    origin = origin_dirs(cg, cgroups.Layout(*record["cgroup"]["layout"]), pid)
+    from . import early
+    origin = early.origin_dirs(cg, cgroups.Layout(*record["cgroup"]["layout"]), pid)
     if origin is None:
         return None
     record["cgroup"]["attached"] = pid
     record["cgroup"]["origin"] = origin
     save_record(cfg.state_dir, record)
-    early = EarlyAttach(cg, pid, origin)
+    attaching = early.EarlyAttach(cg, pid, origin)
     # Runs before the cgroup's own removal (undo is last in, first out).
-    undo.callback(_best_effort, early.detach, cfg.lock_timeout)
-    return early
+    undo.callback(_best_effort, attaching.detach, cfg.lock_timeout)
+    return attaching
 
 
 def _make_cgroup(cfg: Config, job: Job, record: dict[str, Any],
@@ -158,6 +160,7 @@ def end_job(cfg: Config, job_id: str, exit_status: str = "",
     cg = job_cgroup_of(record)
     acct = None
     if record.get("stage"):  # where the job may have run: all it joined
+        from . import stage  # (only for jobs in an image)
         record["versions"] = stage.memberships(cfg, job_id)
     if cg is not None and cg.exists():
         n = cg.kill(cfg.kill_timeout)
@@ -169,14 +172,14 @@ def end_job(cfg: Config, job_id: str, exit_status: str = "",
             faults.point("end:accounted")
             record["accounted"] = True
             save_record(cfg.state_dir, record)
+    if record.get("stage") and record["stage"] != "leaving":
+        record["stage"] = "leaving"  # from now on, image switches pass it by
+        save_record(cfg.state_dir, record)
     if defer and record.get("stage"):  # (a cgroup's rmdir alone is not worth a fork)
         from .deferred import spawn_worker
         if spawn_worker(cfg, [], [job_id]):
             return acct
     if record.get("stage"):
-        if record["stage"] != "leaving":  # from now on, image switches pass it by
-            record["stage"] = "leaving"
-            save_record(cfg.state_dir, record)
         stage.leave_all(cfg, job_id)
         faults.point("end:stage_left")
         pending = stage.pending_teardowns()
