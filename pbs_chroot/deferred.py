@@ -20,6 +20,7 @@ import os
 import time
 
 from . import log as log_mod
+from . import stage
 from .log import get_logger
 
 TYPE_CHECKING = False
@@ -28,7 +29,9 @@ if TYPE_CHECKING:
 
     from .config import Config
 
-__all__ = ["spawn_worker", "after_leave"]
+__all__ = ["spawn_worker", "after_leave", "worker_done", "set_worker", "worker_alive"]
+
+_WORKER = "worker"  # in a stage's directory: "PID START" of its deferred-teardown worker
 
 log = get_logger(__name__)
 
@@ -40,9 +43,8 @@ def after_leave(cfg: Config, pending: list[tuple[str, float]]) -> int:
     """Have the stages just marked idle torn down after their grace period: by a new
     worker, or by this one if this process is a worker already."""
     if _in_worker:
-        from . import stage
         for version, _ in pending:
-            stage.set_worker(cfg, version, os.getpid())
+            set_worker(cfg, version, os.getpid())
         _queue.extend(pending)
         return os.getpid()
     return spawn_worker(cfg, pending)
@@ -95,14 +97,67 @@ def spawn_worker(cfg: Config, pending: list[tuple[str, float]],
         return 0
     worker = int(text) if text.isdigit() else 0
     if worker and pending:
-        from . import stage
         for version, deadline in pending:
-            stage.set_worker(cfg, version, worker)
+            set_worker(cfg, version, worker)
         log.info("stage(s) %s idle: teardown worker %d, in %g s", ", ".join(
             v for v, _ in pending), worker, cfg.stage_grace)
     if worker and jobs:
         log.info("job(s) %s: teardown worker %d, now", ", ".join(jobs), worker)
     return worker
+
+
+def worker_done(cfg: Config, version: str, pid: int) -> bool:
+    """For the worker: whether its stage needs it no more (not idle, or gone); if so, its
+    mark is removed, under the node lock, so a job leaving later starts a new worker."""
+    from .state import node_lock
+    sdir = stage.stage_dir(cfg, version)
+    with node_lock(cfg.state_dir, cfg.lock_timeout):
+        if stage.idle_deadline(sdir) is not None and not stage.members(sdir):
+            return False
+        stage.unlink_quietly(stage.idle_mark(sdir))  # (a mark beside members is stale)
+        if _worker_of(sdir)[0] == pid:
+            stage.unlink_quietly(os.path.join(sdir, _WORKER))
+    return True
+
+
+def set_worker(cfg: Config, version: str, pid: int) -> None:
+    """Note the deferred-teardown worker of the stage of ``version``."""
+    sdir = stage.stage_dir(cfg, version)
+    if os.path.isdir(sdir):
+        path = os.path.join(sdir, _WORKER)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o600)
+            try:
+                os.write(fd, f"{pid} {_start_time(pid)}\n".encode("ascii"))
+            finally:
+                os.close(fd)
+        except OSError as e:  # a second worker may start: harmless
+            log.warning("can't note teardown worker %d in %s: %s", pid, sdir, e.strerror)
+
+
+def worker_alive(sdir: str) -> bool:
+    """Whether the stage's noted worker still runs (the same process: pid and start time)."""
+    pid, start = _worker_of(sdir)
+    return pid > 0 and start != "" and _start_time(pid) == start
+
+
+def _worker_of(sdir: str) -> tuple[int, str]:
+    try:
+        with open(os.path.join(sdir, _WORKER), "rb") as f:
+            words = f.read(64).decode("ascii", "replace").split()
+    except OSError:
+        return 0, ""
+    ok = len(words) == 2 and words[0].isdigit()
+    return (int(words[0]), words[1]) if ok else (0, "")
+
+
+def _start_time(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
 
 
 def _detach_stdio() -> None:
@@ -131,14 +186,13 @@ def _finish_jobs(cfg: Config, jobs: Sequence[str]) -> None:
 
 
 def _run(cfg: Config, pending: list[tuple[str, float]]) -> None:
-    from . import stage
     from .errors import PbsChrootError
     me = os.getpid()
     for version, _ in sorted(pending, key=lambda p: p[1]):
         try:
             # A job may join and leave again meanwhile: the mark's deadline moves on,
             # and this worker waits on for it rather than another one starting.
-            while not stage.worker_done(cfg, version, me):
+            while not worker_done(cfg, version, me):
                 deadline = stage.idle_deadline(stage.stage_dir(cfg, version)) or 0.0
                 if deadline > time.time():
                     time.sleep(min(deadline - time.time(), cfg.stage_grace) + 0.01)

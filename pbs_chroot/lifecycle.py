@@ -74,13 +74,7 @@ def start_job(cfg: Config, job: Job, image: Optional[str], attach_pid: Optional[
             late = late and early is None
             image = record["image"] = check()
         if image is not None:
-            from . import stage  # (only for jobs in an image: mounts, identity, homes ...)
-            record["stage"] = "joining"
-            save_record(cfg.state_dir, record)
-            undo.callback(_best_effort, stage.leave_all, cfg, job.job_id)
-            version = stage.join_image(cfg, job.job_id, image, job.user)
-            faults.point("stage_joined")
-            record["stage"], record["version"] = "joined", version
+            version = _join_stage(cfg, job, image, record, undo)
         if early is not None:
             early.wait(cfg.lock_timeout)
             faults.point("attached")
@@ -94,6 +88,17 @@ def start_job(cfg: Config, job: Job, image: Optional[str], attach_pid: Optional[
         save_record(cfg.state_dir, record)
         undo.pop_all()
     faults.point("started")
+    return version
+
+
+def _join_stage(cfg: Config, job: Job, image: str, record: dict[str, Any], undo: Undo) -> str:
+    from . import stage  # (only for jobs in an image: mounts, identity, homes ...)
+    record["stage"] = "joining"
+    save_record(cfg.state_dir, record)
+    undo.callback(_best_effort, stage.leave_all, cfg, job.job_id)
+    version = stage.join_image(cfg, job.job_id, image, job.user)
+    faults.point("stage_joined")
+    record["stage"], record["version"] = "joined", version
     return version
 
 

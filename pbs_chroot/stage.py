@@ -26,8 +26,8 @@ if TYPE_CHECKING:
     from .config import Config
 
 __all__ = ["stage_dir", "bind_set", "join", "join_image", "join_locked", "leave", "leave_all",
-           "sweep", "sweep_idle", "pending_teardowns", "idle_deadline", "members",
-           "memberships", "version_of"]
+           "sweep", "sweep_idle", "pending_teardowns", "idle_deadline", "idle_mark",
+           "unlink_quietly", "members", "memberships", "version_of"]
 
 log = get_logger(__name__)
 
@@ -36,7 +36,6 @@ _ID_FILES = ("/etc/passwd", "/etc/group")
 _SHADOW_FILES = ("/etc/shadow", "/etc/gshadow")
 _NSCD = "/var/run/nscd"
 _IDLE = "idle"  # in a stage's directory: its last job left; holds the teardown deadline
-_WORKER = "worker"  # in a stage's directory: "PID START" of its deferred-teardown worker
 # Stages this process marked idle: (version, deadline), for deferred.spawn_worker.
 _pending: list[tuple[str, float]] = []
 
@@ -143,7 +142,7 @@ def join_locked(cfg: Config, job_ids: Sequence[str], version: str,
     elif problem:
         _build(cfg, sdir, version, steps, info, mode)
     faults.point("stage:ready")
-    _unlink(os.path.join(sdir, _IDLE))  # in use again: no deferred teardown may take it
+    unlink_quietly(os.path.join(sdir, _IDLE))  # in use again: no deferred teardown may take it
     for job_id, user in zip(job_ids, list(users) + [""] * (len(job_ids) - len(users))):
         _touch(os.path.join(sdir, "members", job_id), user)
         log.info("job %s joined stage %s", job_id, version)
@@ -217,6 +216,7 @@ def _leave_locked(cfg: Config, job_id: str, sdir: str) -> bool:
         _touch(os.path.join(sdir, _IDLE), f"{deadline:.6f}\n")  # on disk before any worker
         faults.point("stage:idle_marked")
         identity.refresh(sdir, cfg.identity_cache)
+        from .deferred import worker_alive
         if not worker_alive(sdir):  # one worker per stage: a live one waits on
             _pending.append((version, deadline))
         log.info("job %s left stage %s, the last one: kept %g s more", job_id, version,
@@ -255,50 +255,6 @@ def sweep_idle(cfg: Config, version: str) -> bool:
     return True
 
 
-def worker_done(cfg: Config, version: str, pid: int) -> bool:
-    """For the worker: whether its stage needs it no more (not idle, or gone); if so, its
-    mark is removed, under the node lock, so a job leaving later starts a new worker."""
-    sdir = stage_dir(cfg, version)
-    with node_lock(cfg.state_dir, cfg.lock_timeout):
-        if idle_deadline(sdir) is not None and not members(sdir):
-            return False
-        _unlink(os.path.join(sdir, _IDLE))  # (a mark beside members is stale)
-        if _worker_of(sdir)[0] == pid:
-            _unlink(os.path.join(sdir, _WORKER))
-    return True
-
-
-def set_worker(cfg: Config, version: str, pid: int) -> None:
-    """Note the deferred-teardown worker of the stage of ``version``."""
-    sdir = stage_dir(cfg, version)
-    if os.path.isdir(sdir):
-        _touch(os.path.join(sdir, _WORKER), f"{pid} {_start_time(pid)}\n")
-
-
-def worker_alive(sdir: str) -> bool:
-    """Whether the stage's noted worker still runs (the same process: pid and start time)."""
-    pid, start = _worker_of(sdir)
-    return pid > 0 and start != "" and _start_time(pid) == start
-
-
-def _worker_of(sdir: str) -> tuple[int, str]:
-    try:
-        with open(os.path.join(sdir, _WORKER), "rb") as f:
-            words = f.read(64).decode("ascii", "replace").split()
-    except OSError:
-        return 0, ""
-    ok = len(words) == 2 and words[0].isdigit()
-    return (int(words[0]), words[1]) if ok else (0, "")
-
-
-def _start_time(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return ""
-
-
 def idle_deadline(sdir: str) -> Optional[float]:
     """When an idle stage is to be torn down (None: not idle); unreadable: now."""
     try:
@@ -314,6 +270,11 @@ def idle_deadline(sdir: str) -> Optional[float]:
         return 0.0
 
 
+def idle_mark(sdir: str) -> str:
+    """The file that marks a stage idle (its content: the teardown deadline)."""
+    return os.path.join(sdir, _IDLE)
+
+
 def pending_teardowns() -> list[tuple[str, float]]:
     """The stages this process marked idle since the last call: (version, deadline)."""
     out = list(_pending)
@@ -321,7 +282,8 @@ def pending_teardowns() -> list[tuple[str, float]]:
     return out
 
 
-def _unlink(path: str) -> None:
+def unlink_quietly(path: str) -> None:
+    """Remove a file of the state directory; fine if it is gone."""
     try:
         os.unlink(path)
     except FileNotFoundError:
