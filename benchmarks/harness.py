@@ -206,23 +206,39 @@ def _namespace_check(node: node_mod.Node, base_mounts: list) -> dict:
 
 
 def _cleanup(node: node_mod.Node, mom: "object", res: dict) -> None:
-    """Whatever is left, ours only: processes started here, job records, our cgroup parent."""
-    if mom is not None:
-        mom.kill_all()  # type: ignore[attr-defined]
-    if node.state.is_dir():
-        from pbs_chroot import config, lifecycle
+    """Whatever is left, ours only: processes started here, job records, our cgroup parent.
+    The syslog drainer is stopped whatever fails here: it holds the results pipe open."""
+    try:
+        if mom is not None:
+            mom.kill_all()  # type: ignore[attr-defined]
+        if node.state.is_dir():
+            _end_records(node, res)
+        left = node_mod.remove_cgroup_parent(node.cg_parent)
+        if left:
+            res.setdefault("cleanup_errors", []).extend(left)
+    finally:
+        if node.syslog is not None:
+            res["syslog"] = node.syslog.stop()
+
+
+def _end_records(node: node_mod.Node, res: dict) -> None:
+    from pbs_chroot import config, lifecycle
+    try:
+        node.write_config()  # the run's own settings may be what failed
         cfg = config.load(str(node.config))
-        for name in sorted(os.listdir(node.state / "jobs")):
-            if name.endswith(".json"):
-                try:
-                    lifecycle.end_job(cfg, name[:-len(".json")])
-                except Exception as e:  # noqa: B902 - best effort, reported
-                    res.setdefault("cleanup_errors", []).append(repr(e))
-    left = node_mod.remove_cgroup_parent(node.cg_parent)
-    if left:
-        res.setdefault("cleanup_errors", []).extend(left)
-    if node.syslog is not None:
-        res["syslog"] = node.syslog.stop()
+    except Exception as e:  # noqa: B902 - best effort, reported
+        res.setdefault("cleanup_errors", []).append(repr(e))
+        return
+    for name in sorted(os.listdir(node.state / "jobs")):
+        if name.endswith(".json"):
+            try:
+                lifecycle.end_job(cfg, name[:-len(".json")])
+            except Exception as e:  # noqa: B902 - best effort, reported
+                res.setdefault("cleanup_errors", []).append(repr(e))
+    try:
+        sections.settle(node, 60)  # idle stages: their workers tear them down
+    except sections.BenchError as e:
+        res.setdefault("cleanup_errors", []).append(str(e))
 
 
 def _host_check(before: tuple, cg_parent: str) -> dict:
