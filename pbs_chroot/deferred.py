@@ -167,6 +167,7 @@ def _detach_stdio() -> None:
     for target in (0, 1, 2):
         os.dup2(fd, target)
     os.closerange(3, 1 << 16)
+    os.chdir("/")  # pins no directory of the hook's (mom_priv, a runner's cwd)
 
 
 def _finish_jobs(cfg: Config, jobs: Sequence[str]) -> None:
