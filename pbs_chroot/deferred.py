@@ -197,9 +197,9 @@ def _run(cfg: Config, pending: list[tuple[str, float]]) -> None:
                 deadline = stage.idle_deadline(stage.stage_dir(cfg, version)) or 0.0
                 if deadline > time.time():
                     time.sleep(min(deadline - time.time(), cfg.stage_grace) + 0.01)
-                elif stage.sweep_idle(cfg, version):
-                    break
-                else:  # keep_stage, or a clock step: look again, unhurried
+                elif stage.sweep_idle(cfg, version) or cfg.keep_stage:
+                    break  # torn down; or kept for good (the mark is left to cleanup)
+                else:  # marked again or joined meanwhile: look again, unhurried
                     time.sleep(0.1)
         except PbsChrootError as e:
             log.error("deferred teardown of stage %s failed: %s (pbs-chroot cleanup will "
