@@ -40,6 +40,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, help="jobs in the scale test (default 128; quick 32)")
     p.add_argument("--reps", type=int, help="repetitions of each inside/outside task "
                    "(default 7; quick 3)")
+    p.add_argument("--throughput-jobs", type=int, metavar="N",
+                   help="trivial jobs per case in the throughput section (default 200; quick 50)")
+    p.add_argument("--mom-ms", type=float, default=sections.TORQUE_MOM_MS,
+                   help="pbs_mom's own time per job in the throughput section (default "
+                   "%(default)s ms, measured on a real Torque 6.1 without hooks)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a [pbs_chroot] setting for the hooks' config (repeatable), e.g. "
+                   "stage_grace=5: to measure a lever")
+    p.add_argument("--lever", metavar="KEY=VALUE[;KEY=VALUE]",
+                   help="measure one setting against the config without it, in the same run "
+                   "(blocks of jobs alternating); with --only throughput")
+    p.add_argument("--only", choices=("throughput", "lever"),
+                   help="run only this section (and its reference points)")
     return p
 
 
@@ -48,13 +61,16 @@ def main(argv: "list | None" = None) -> int:
     if os.geteuid() != 0:
         print("benchmarks/run: run as root (mounts, cgroups, chroot)", file=sys.stderr)
         return 2
-    for name in ("runs", "jobs", "reps"):
+    for name in ("runs", "jobs", "reps", "throughput_jobs"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             print(f"benchmarks/run: --{name} must be at least 1", file=sys.stderr)
             return 2
     plan = {"runs": args.runs or (10 if args.quick else 100),
             "jobs": args.jobs or (32 if args.quick else 128),
-            "reps": args.reps or (3 if args.quick else 7), "quick": args.quick}
+            "reps": args.reps or (3 if args.quick else 7), "quick": args.quick,
+            "throughput_jobs": args.throughput_jobs or (50 if args.quick else 200),
+            "mom_ms": args.mom_ms, "only": args.only, "lever": args.lever,
+            "settings": "".join(f"{kv.replace('=', ' = ', 1)}\n" for kv in args.set)}
     busy = _cpu_busy(1.0)  # is anything else running? (nothing of ours yet)
     t0 = time.monotonic()
     host_before = (node_mod.mount_points(), node_mod.cgroup_tree())
@@ -128,7 +144,8 @@ def _measure_in_child(plan: dict) -> dict:
 def _child(plan: dict) -> dict:
     """Everything measured, inside a private mount namespace."""
     node_mod.enter_namespace()
-    node = node_mod.Node(node_mod.pick_root(), f"pbs_chroot_bench.{os.getpid()}")
+    node = node_mod.Node(node_mod.pick_root(), f"pbs_chroot_bench.{os.getpid()}",
+                         plan["settings"])
     res: dict = {"quick": plan["quick"], "plan": plan, "cg_parent": node.cg_parent,
                  "machine": _machine(), "bind_set": node.binds_note}
     from .mom import Mom
@@ -139,6 +156,23 @@ def _child(plan: dict) -> dict:
         mom = Mom(node)
         ids = sections.Ids()
         n, warm = plan["runs"], 2
+        tn = plan["throughput_jobs"]
+        if plan["lever"]:
+            _say(f"lever {plan['lever']}: {tn} jobs per variant and case")
+            res["lever"] = sections.lever(mom, node, ids, tn,
+                                          "\n".join(kv.replace("=", " = ", 1) for kv in
+                                                    plan["lever"].split(";")),
+                                          plan["mom_ms"])
+        if plan["only"] == "lever":
+            res["namespace"] = _namespace_check(node, base_mounts)
+            return res
+        _say(f"throughput: {tn} trivial jobs x 3 cases, one after another")
+        res["throughput"] = sections.throughput(mom, node, ids, tn, plan["mom_ms"])
+        _say(f"warm hook pair vs python -IS -c pass x{min(tn, 100)}")
+        res["warm_pair"] = sections.warm_pair(mom, node, ids, min(tn, 100))
+        if plan["only"] == "throughput":
+            res["namespace"] = _namespace_check(node, base_mounts)
+            return res
         _say(f"interpreter start-up x{max(n, 50)}")
         res["reference"] = sections.startup(max(n, 50))
         _say(f"hook cost: 3 cases x {n} jobs")
@@ -157,37 +191,57 @@ def _child(plan: dict) -> dict:
         _say(f"scale: {plan['jobs']} jobs at once")
         res["scale"] = sections.scale(mom, node, ids, plan["jobs"],
                                       res["hooks"]["stage_mounts"])
-        after = node_mod.mount_points()
-        left = node.state_files() + [f"offline: {c}" for c in node.offline_calls()]
-        res["namespace"] = {
-            "mounts_unchanged": after == base_mounts,
-            "mounts_text": "as before" if after == base_mounts else
-            f"differs: +{sorted(set(after) - set(base_mounts))[:5]} "
-            f"-{sorted(set(base_mounts) - set(after))[:5]}",
-            "state_clean": not left, "state_text": "none" if not left else ", ".join(left[:5])}
+        res["namespace"] = _namespace_check(node, base_mounts)
     finally:
         _cleanup(node, mom, res)
     return res
 
 
+def _namespace_check(node: node_mod.Node, base_mounts: list) -> dict:
+    """Mountinfo as before the first job; no job record, stage or offline call left."""
+    after = node_mod.mount_points()
+    left = node.state_files() + [f"offline: {c}" for c in node.offline_calls()]
+    return {"mounts_unchanged": after == base_mounts,
+            "mounts_text": "as before" if after == base_mounts else
+            f"differs: +{sorted(set(after) - set(base_mounts))[:5]} "
+            f"-{sorted(set(base_mounts) - set(after))[:5]}",
+            "state_clean": not left, "state_text": "none" if not left else ", ".join(left[:5])}
+
+
 def _cleanup(node: node_mod.Node, mom: "object", res: dict) -> None:
-    """Whatever is left, ours only: processes started here, job records, our cgroup parent."""
-    if mom is not None:
-        mom.kill_all()  # type: ignore[attr-defined]
-    if node.state.is_dir():
-        from pbs_chroot import config, lifecycle
+    """Whatever is left, ours only: processes started here, job records, our cgroup parent.
+    The syslog drainer is stopped whatever fails here: it holds the results pipe open."""
+    try:
+        if mom is not None:
+            mom.kill_all()  # type: ignore[attr-defined]
+        if node.state.is_dir():
+            _end_records(node, res)
+        left = node_mod.remove_cgroup_parent(node.cg_parent)
+        if left:
+            res.setdefault("cleanup_errors", []).extend(left)
+    finally:
+        if node.syslog is not None:
+            res["syslog"] = node.syslog.stop()
+
+
+def _end_records(node: node_mod.Node, res: dict) -> None:
+    from pbs_chroot import config, lifecycle
+    try:
+        node.write_config()  # the run's own settings may be what failed
         cfg = config.load(str(node.config))
-        for name in sorted(os.listdir(node.state / "jobs")):
-            if name.endswith(".json"):
-                try:
-                    lifecycle.end_job(cfg, name[:-len(".json")])
-                except Exception as e:  # noqa: B902 - best effort, reported
-                    res.setdefault("cleanup_errors", []).append(repr(e))
-    left = node_mod.remove_cgroup_parent(node.cg_parent)
-    if left:
-        res.setdefault("cleanup_errors", []).extend(left)
-    if node.syslog is not None:
-        res["syslog"] = node.syslog.stop()
+    except Exception as e:  # noqa: B902 - best effort, reported
+        res.setdefault("cleanup_errors", []).append(repr(e))
+        return
+    for name in sorted(os.listdir(node.state / "jobs")):
+        if name.endswith(".json"):
+            try:
+                lifecycle.end_job(cfg, name[:-len(".json")])
+            except Exception as e:  # noqa: B902 - best effort, reported
+                res.setdefault("cleanup_errors", []).append(repr(e))
+    try:
+        sections.settle(node, 60)  # idle stages: their workers tear them down
+    except sections.BenchError as e:
+        res.setdefault("cleanup_errors", []).append(str(e))
 
 
 def _host_check(before: tuple, cg_parent: str) -> dict:

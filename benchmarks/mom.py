@@ -41,6 +41,7 @@ class Job:
     epilogue_cmd: tuple = ()
     prologue_path: str = ""
     epilogue_path: str = ""
+    hooks: bool = True              # False: pbs_mom without a prologue or epilogue
     # results
     pid: int = 0
     pro_ns: Optional[int] = None
@@ -202,7 +203,10 @@ class Mom:
         os.close(job._pidfd)
         job._pidfd = None
         job.job_rc = os.waitstatus_to_exitcode(status)
-        if job.pro_rc is not None:
+        if not job.hooks:  # no epilogue installed
+            job.epi_ns, job.epi_rc = 0, 0
+            self._finish(job)
+        elif job.pro_rc is not None:
             self._start_epilogue(job)
         else:  # the job child died before its prologue ended: nothing to tear down by us
             job.epi_rc = -1
@@ -269,6 +273,9 @@ def _job_child(mom: Mom, job: Job, argv: list, status_w: int, release_r: Optiona
         os.closerange(low, fd)
         low = fd + 1
     os.closerange(low, os.sysconf("SC_OPEN_MAX"))
+    if not job.hooks:  # no prologue installed: straight on to the job
+        os.write(status_w, b"P 0 0\n")
+        return _become_job(mom, job, status_w) if job.body == "shell" else 0
     t0 = time.perf_counter_ns()
     pid = os.posix_spawn(argv[0], argv, job.env,
                          file_actions=[(os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0)],

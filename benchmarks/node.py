@@ -134,8 +134,9 @@ def _shape(msg: str) -> str:
 class Node:
     """The site: tmpfs root, user, image, config, stub qstat, installed hooks."""
 
-    def __init__(self, root: Path, cg_parent: str) -> None:
+    def __init__(self, root: Path, cg_parent: str, settings: str = "") -> None:
         self.root = root
+        self.settings = settings  # extra [pbs_chroot] lines (benchmarks/run --set)
         self.cg_parent = cg_parent
         self.home_on_home = not _covers(Path("/home"))
         self.home = (Path("/home") if self.home_on_home else root / "home") / USER
@@ -231,7 +232,7 @@ class Node:
             f"[pbs_chroot]\nstate_dir = {self.state}\npbs_home = {self.pbs_home}\n"
             f"job_info = qstat\nqstat = {self.qstat}\nsyslog_socket = {self.root}/log.sock\n"
             f"cgroup_parent = {self.cg_parent}\naccounting_log = {self.accounting}\n"
-            f"job_starter = {self.job_starter}\n{main}\n"
+            f"job_starter = {self.job_starter}\n{_merged(self.settings, main)}\n"
             f"[image {self.image}]\n\n{binds}")
         os.chmod(self.config, 0o644)
 
@@ -263,6 +264,15 @@ class Node:
             d = self.state / sub
             out += [f"{sub}/{n}" for n in (os.listdir(d) if d.is_dir() else [])]
         return sorted(out)
+
+
+def _merged(settings: str, main: str) -> str:
+    """``settings`` then ``main`` as [pbs_chroot] lines, a key in ``main`` replacing the same
+    key in ``settings`` (the config refuses a key set twice)."""
+    keys = {line.split("=", 1)[0].strip() for line in main.splitlines() if "=" in line}
+    kept = [line for line in settings.splitlines()
+            if "=" not in line or line.split("=", 1)[0].strip() not in keys]
+    return "".join(line + "\n" for line in kept) + main
 
 
 # -- cgroups (global: checked from the host) -----------------------------------------------

@@ -36,7 +36,9 @@ def _check(name: str, value: Optional[float], limit: Optional[float], ok: bool,
 
 def budgets(res: dict) -> list:
     """The issue's budgets and the run's own checks, each PASS or FAIL with its numbers."""
-    out = []
+    out = _throughput_budgets(res)
+    if "hooks" not in res:  # --only throughput
+        return out
     start = res["reference"]["startup_S"]["median"]
     hooks = res["hooks"]
     for case, extra in (("warm", 10.0), ("cold", 25.0)):
@@ -76,6 +78,61 @@ def budgets(res: dict) -> list:
     return out
 
 
+def _throughput_budgets(res: dict) -> list:
+    out = []
+    wp = res.get("warm_pair")
+    if wp:
+        pm, sm = wp["pair"]["median"], wp["startup_IS"]["median"]
+        out.append(_check("warm hook pair median <= 3x `python -IS -c pass` (same run)",
+                          wp["ratio"], 3.0, wp["ratio"] <= 3.0,
+                          f"{wp['ratio']:.2f}x ({pm:.1f} ms vs {sm:.1f} ms)"))
+    tp = res.get("throughput")
+    if tp:
+        for case in ("noimage", "image"):
+            r = tp[case]["ratio"]
+            out.append(_check(f"throughput with hooks ({case}) >= 0.6x without "
+                              f"(emulated, pbs_mom {tp['mom_ms']:g} ms/job)", r, 0.6, r >= 0.6,
+                              f"{r:.3f} ({tp[case]['rate']:.1f} vs {tp['none']['rate']:.1f} "
+                              f"jobs/s)"))
+    return out
+
+
+def throughput_text(res: dict) -> str:
+    """The throughput section of the table."""
+    tp, wp, lv = res.get("throughput"), res.get("warm_pair"), res.get("lever")
+    out = []
+    if lv:
+        out.append(f"  lever `{lv['setting']}` (B) against the config without it (A), "
+                   f"{lv['n']} jobs each, blocks of {lv['block']}:\n")
+        for case in ("noimage", "image"):
+            c = lv[case]
+            out.append(f"    {case:<8} pair A {c['A_pair']['median']:.1f} (p90 "
+                       f"{c['A_pair']['p90']:.1f}) -> B {c['B_pair']['median']:.1f} (p90 "
+                       f"{c['B_pair']['p90']:.1f}) ms: x{c['pair_ratio']:.3f}; whole job "
+                       f"{c['A_job']['median']:.1f} -> {c['B_job']['median']:.1f} ms\n")
+    if not tp:
+        return "".join(out)
+    out += [f"6. Throughput: {tp['jobs']} trivial jobs per case, one after another, "
+            f"interleaved; pbs_mom's own work modelled as {tp['mom_ms']:g} ms/job\n"]
+    for case, label in (("none", "no hooks"), ("noimage", "hooks, no image"),
+                        ("image", "hooks, job in the image")):
+        c = tp[case]
+        line = (f"  {label:<28} {c['total_s']:>7.2f} s  {c['rate']:>6.1f} jobs/s")
+        if "ratio" in c:
+            line += (f"  x{c['ratio']:.3f} of no hooks (mom.py alone: x{c['own_ratio']:.3f}); "
+                     f"pair {c['pair']['median']:.1f} ms (p90 {c['pair']['p90']:.1f})")
+        out.append(line + "\n")
+    out.append(f"  `python -IS -c pass` in the same rounds: {tp['startup_IS']['median']:.1f} ms "
+               f"(p90 {tp['startup_IS']['p90']:.1f})\n")
+    if wp:
+        out.append(f"  warm pair (stage held by another job), x{wp['n']}, alternating with "
+                   f"`python -IS -c pass`: prologue {wp['prologue']['median']:.1f} + epilogue "
+                   f"{wp['epilogue']['median']:.1f} ms, pair {wp['pair']['median']:.1f} ms "
+                   f"(p90 {wp['pair']['p90']:.1f}) vs {wp['startup_IS']['median']:.1f} ms "
+                   f"(p90 {wp['startup_IS']['p90']:.1f}): x{wp['ratio']:.2f}\n")
+    return "".join(out)
+
+
 def checks(res: dict) -> list:
     """The run's own checks: state left as found."""
     out = []
@@ -109,16 +166,21 @@ def _row(label: str, s: dict, note: str = "") -> str:
 def table(res: dict) -> str:
     """The human-readable table."""
     m = res["machine"]
+    head = [f"pbs_chroot benchmarks ({'quick' if res['quick'] else 'full'} run, "
+            f"{res['elapsed_s']:.0f} s) on {m['host']}: {m['cpu']} x{m['cpus']}, "
+            f"{m['mem_gib']} GiB, Linux {m['kernel']}, Python {m['python']}, cgroup v"
+            f"{m['cgroup']}\n",
+            f"  settings: {res['plan'].get('settings', '').strip() or 'defaults'}\n",
+            f"  bind set: {res['bind_set']}; job info: stub qstat; CPUs "
+            f"{100 * m.get('cpu_busy_before', 0):.0f}% busy in the second before the run"
+            + (" (NOT IDLE: the figures may be noisy)" if _busy(res) else "") + "\n\n"]
+    if "hooks" not in res:  # --only throughput
+        return "".join(head + [throughput_text(res), "5. Budgets and checks\n"] + [
+            f"  {'PASS' if b['pass'] else 'FAIL'}  {b['name']}: {b['text']}\n"
+            for b in res["budgets"] + res["checks"]])
     ref, hooks = res["reference"], res["hooks"]
-    out = [f"pbs_chroot benchmarks ({'quick' if res['quick'] else 'full'} run, "
-           f"{res['elapsed_s']:.0f} s) on {m['host']}: {m['cpu']} x{m['cpus']}, "
-           f"{m['mem_gib']} GiB, Linux {m['kernel']}, Python {m['python']}, cgroup v"
-           f"{m['cgroup']}\n",
-           f"  bind set: {res['bind_set']}; job info: stub qstat; CPUs "
-           f"{100 * m.get('cpu_busy_before', 0):.0f}% busy in the second before the run"
-           + (" (NOT IDLE: the figures may be noisy)" if _busy(res) else "") + "\n\n",
-           f"  {'':<44} {'median':>9} {'p90':>9} {'n':>5}   (ms)\n",
-           "1. Hook cost (installed hooks, run as pbs_mom runs them)\n"]
+    out = head + [f"  {'':<44} {'median':>9} {'p90':>9} {'n':>5}   (ms)\n",
+                  "1. Hook cost (installed hooks, run as pbs_mom runs them)\n"]
     for case, label in (("noimage", "a. no image"), ("warm", "b. warm (stage up)"),
                         ("warm_nocg", "b'. warm, cgroups = no (info)"),
                         ("cold", "c. cold (sets up, tears down)")):
@@ -179,6 +241,7 @@ def table(res: dict) -> str:
         out.append(f"Hooks' syslog: {log['lines']} lines, {log.get('problem_count', 0)} warnings "
                    "or errors" + (": " + "; ".join(log.get("distinct_problems", []))
                                   if log.get("problem_count") else "") + "\n")
+    out.append(throughput_text(res))
     out.append("5. Budgets and checks\n")
     for b in res["budgets"] + res["checks"]:
         out.append(f"  {'PASS' if b['pass'] else 'FAIL'}  {b['name']}: {b['text']}\n")

@@ -91,7 +91,7 @@ class Config(Record):
                  "syslog_socket", "cgroups", "cgroup_parent", "torque_cgroup_parent",
                  "memory_policy", "memory_cap", "limit_swap", "pids_max", "kill_timeout",
                  "accounting_log", "identity", "tmpdir", "user_dirs", "job_starter",
-                 "entry_dir")
+                 "entry_dir", "early_attach", "stage_grace", "defer_teardown", "identity_cache")
 
     def __init__(self, path: str, images: tuple[Image, ...], binds: tuple[BindSpec, ...],
                  state_dir: str = "/var/lib/pbs_chroot", pbs_home: str = "/var/spool/torque",
@@ -106,7 +106,9 @@ class Config(Record):
                  accounting_log: str = "/var/log/pbs_chroot/accounting.jsonl",
                  identity: str = "generated", tmpdir: str = "",
                  user_dirs: tuple[str, ...] = (),
-                 job_starter: str = DEFAULT_JOB_STARTER, entry_dir: str = "") -> None:
+                 job_starter: str = DEFAULT_JOB_STARTER, entry_dir: str = "",
+                 early_attach: bool = True, stage_grace: float = 0.0,
+                 defer_teardown: bool = False, identity_cache: float = 60.0) -> None:
         self.path = path
         self.images = images
         self.binds = binds
@@ -136,6 +138,12 @@ class Config(Record):
         # bound over it in every stage ('' = none: not a Torque node).
         self.job_starter = job_starter
         self.entry_dir = entry_dir  # where users' jobs enter stages without root ('' = off)
+        # Issue 16: move the job process into its cgroup while the request is being
+        # checked (early.py); keep a stage its last job left for this many seconds.
+        self.early_attach = early_attach
+        self.stage_grace = stage_grace
+        self.defer_teardown = defer_teardown  # the epilogue leaves the undoing to a worker
+        self.identity_cache = identity_cache  # a stage's passwd/group kept for one user set
 
     def image(self, path: str) -> Optional[Image]:
         """The allowlisted image whose path equals ``path`` as text, or None."""
@@ -272,6 +280,8 @@ _FIELDS = {
     "kill_timeout": "seconds", "accounting_log": "abspath", "identity": "identity",
     "tmpdir": "abspath", "user_dirs": "userdirs", "job_starter": "starter",
     "entry_dir": "abspath",
+    "early_attach": "bool", "stage_grace": "grace", "defer_teardown": "bool",
+    "identity_cache": "grace",
 }
 _IDENTITY_MODES = ("generated", "host", "nscd")
 _SPECIAL_SOURCES = ("proc", "tmpfs")
@@ -306,6 +316,14 @@ def _convert(path: str, key: str, value: str) -> object:
         return dirs
     if kind in ("size", "count"):
         return _number(path, key, value, kind)
+    if kind == "grace":  # 0: none
+        try:
+            grace = float(value)
+        except ValueError:
+            grace = -1.0
+        if not 0 <= grace <= 3600:
+            raise ConfigError(f"config {path}: {key} must be a number of seconds [0, 3600]")
+        return grace
     if kind == "seconds":
         try:
             seconds = float(value)

@@ -52,29 +52,49 @@ def _prologue(cfg: Config, argv: Sequence[str]) -> None:
         raise SiteError(f"prologue called with {len(argv) - 1} arguments, pbs_mom passes "
                         f"at least {_PROLOGUE_ARGS}")
     job = lifecycle.Job(check_job_id(argv[1]), argv[2], argv[3], argv[6], argv[5])
+    pid = _future_job_process(argv[0])
+    spawner = _task_spawner(argv[0], pid)
+    if cfg.cgroups and cfg.early_attach and pid is not None:
+        # The server query overlaps the move into the cgroup (early.py); a refusal
+        # undoes the job's start, moving the process back out first.
+        ensure_layout(cfg.state_dir)
+        chosen: list[Optional[str]] = []
+        version = lifecycle.start_job(cfg, job, None, pid, spawner,
+                                      lambda: _checked(cfg, job, argv[0], chosen))
+        image = chosen[0] if chosen else None
+    else:
+        image = _checked(cfg, job, argv[0], [])
+        if image is None and not cfg.cgroups:
+            return
+        ensure_layout(cfg.state_dir)
+        version = lifecycle.start_job(cfg, job, image, pid, spawner)
+    if image is not None:
+        logger.info("job %s (user %s, queue %s) runs in image %s (version %s)",
+                    job.job_id, job.user, job.queue, image, version)
+
+
+def _checked(cfg: Config, job: lifecycle.Job, argv0: str,
+             chosen: list[Optional[str]]) -> Optional[str]:
+    """The allowlisted path the job asks for (None: no image), read from the server and
+    checked, with its shell; UserError if refused, after telling the user in the job's
+    error file. Also appended to ``chosen``."""
     from . import jobinfo  # the prologue's only: the epilogue need not load it
     variables = jobinfo.read_variables(job.job_id, source=cfg.job_info, qstat=cfg.qstat,
                                        timeout=cfg.job_info_timeout)
+    sister = argv0.endswith(".parallel")
     try:
         image = gate.check_request(variables.entries, jobinfo.lossy_names(variables.raw), cfg,
                                    job.user, job.queue)
-        if image is not None and not argv[0].endswith(".parallel"):
+        if image is not None and not sister:
             # The job's shell runs on the mother superior only; and a sister's
             # prologue.parallel holds up pbs_mom's main loop while it runs.
             _check_shell(cfg, image, variables.shell, job.user)
     except UserError as e:
-        if not argv[0].endswith(".parallel"):  # once, from the mother superior
+        if not sister:  # once, from the mother superior
             _tell_user_file(job.job_id, job.user, variables, e.user_msg)
         raise
-    if image is None and not cfg.cgroups:
-        return
-    ensure_layout(cfg.state_dir)
-    job_process = _future_job_process(argv[0])
-    version = lifecycle.start_job(cfg, job, image.path if image else None, job_process,
-                                  _task_spawner(argv[0], job_process))
-    if image is not None:
-        logger.info("job %s (user %s, queue %s) runs in image %s (version %s)",
-                    job.job_id, job.user, job.queue, image.path, version)
+    chosen.append(image.path if image is not None else None)
+    return chosen[-1]
 
 
 def _check_shell(cfg: Config, image: Image, shell_list: str, user: str) -> None:
@@ -167,7 +187,8 @@ def _epilogue(cfg: Config, argv: Sequence[str]) -> None:
         raise SiteError(f"epilogue called with {len(argv) - 1} arguments, pbs_mom passes "
                         f"at least {_EPILOGUE_ARGS}")
     job_id = check_job_id(argv[1])
-    acct = lifecycle.end_job(cfg, job_id, argv[10], extra=_job_nodes(argv))
+    acct = lifecycle.end_job(cfg, job_id, argv[10], extra=_job_nodes(argv),
+                             defer=cfg.defer_teardown)
     if acct and acct.get("oom_kills"):
         _tell_user(job_id, oom_message(acct))
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import stat
+import time
 
 from .errors import StateError
 from .log import get_logger
@@ -44,6 +45,7 @@ MODES = ("generated", "host", "nscd")
 FILES = ("passwd", "group", "shadow", "gshadow")
 _IMAGE = "image-"           # prefix of the snapshots of the image's system entries
 _MAX_BYTES = 4 << 20        # an image's passwd/group larger than this is refused
+_CACHE = "identity.users"   # the users the stage's files were last made for
 _HIGH_ID = 65534            # nobody/nogroup (and nfsnobody above): system entries too
 
 
@@ -64,6 +66,12 @@ def prepare(sdir: str) -> None:
 
 def snapshot_image(version: str, sdir: str) -> None:
     """Keep the image's own system entries (read before the stage covers them)."""
+    try:  # the files will be made anew from this snapshot
+        os.unlink(os.path.join(sdir, _CACHE))
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        raise StateError(f"can't remove {sdir}/{_CACHE}: {e.strerror}") from e
     fd = os.open(version, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         defs = _read_in_image(fd, "etc/login.defs", missing_ok=True)
@@ -75,12 +83,21 @@ def snapshot_image(version: str, sdir: str) -> None:
         os.close(fd)
 
 
-def refresh(sdir: str) -> bool:
-    """Rewrite the stage's passwd and group for its members now; False if not generated."""
+def refresh(sdir: str, cache_seconds: float = 0.0) -> bool:
+    """Rewrite the stage's passwd and group for its members now; False if not generated.
+
+    cache_seconds: files made less than this long ago for the same set of users
+    are kept as they are (a job joining or leaving beside another of its owner's
+    changes nothing in them; the host's NSS is asked again once they are older).
+    """
     snap = os.path.join(sdir, _IMAGE + "passwd")
     if not os.path.exists(snap):
         return False
     users = _member_users(os.path.join(sdir, "members"))
+    key = "".join(u + "\n" for u in sorted(set(users)))
+    cache = os.path.join(sdir, _CACHE)
+    if cache_seconds > 0 and _is_fresh(cache, key, cache_seconds):
+        return True
     image_pw = _read_file(snap)
     image_gr = _read_file(os.path.join(sdir, _IMAGE + "group"))
     entries = _host_entries(users)
@@ -91,7 +108,19 @@ def refresh(sdir: str) -> bool:
     _write_in_place(os.path.join(sdir, "shadow"), locked_shadow(passwd, "*:1:0:99999:7:::"),
                     0o640)
     _write_in_place(os.path.join(sdir, "gshadow"), locked_shadow(group, "!::"), 0o640)
+    _write_in_place(cache, key, 0o600)  # after the files: a crash before it means no cache
     return True
+
+
+def _is_fresh(cache: str, key: str, seconds: float) -> bool:
+    """Whether the stage's files were made for the users ``key`` less than ``seconds`` ago."""
+    try:
+        st = os.stat(cache)
+        if not 0 <= time.time() - st.st_mtime < seconds:
+            return False
+        return _read_file(cache) == key
+    except (OSError, StateError):
+        return False
 
 
 def locked_shadow(text: str, rest: str) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import time
 
-from . import cgroups, faults, stage
+from . import cgroups, faults
 from .errors import PbsChrootError
 from .log import get_logger
 from .record import Record
@@ -20,6 +20,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any, Callable, Optional
 
+    from . import early
     from .config import Config
 
 __all__ = ["FAULT_POINTS", "Job", "start_job", "end_job", "job_cgroup_of"]
@@ -45,13 +46,18 @@ class Job(Record):
         self.resource_list = resource_list
 
 
-def start_job(cfg: Config, job: Job, image: Optional[str],
-              attach_pid: Optional[int], tasks_of: Optional[int] = None) -> Optional[str]:
+def start_job(cfg: Config, job: Job, image: Optional[str], attach_pid: Optional[int],
+              tasks_of: Optional[int] = None,
+              check: Optional[Callable[[], Optional[str]]] = None) -> Optional[str]:
     """Record the job, make its cgroup, join its stage, attach its process; undo on failure.
 
     ``tasks_of``: pbs_mom's pid, for a job on several nodes: its TM tasks on
-    this node are adopted into the job's cgroup (adopt.py). Returns the image
-    version the job's stage is of (resolved under the node lock).
+    this node are adopted into the job's cgroup (adopt.py).
+    check: when given, it decides the image (None: no image) and raises if the
+    request is refused; it runs after the cgroup is made, while ``attach_pid``
+    is being moved into it (early.py), and a refusal undoes everything,
+    moving the process back out first. Returns the image version the job's
+    stage is of (resolved under the node lock).
     """
     version = None
     record: dict[str, Any] = {"job_id": job.job_id, "user": job.user, "group": job.group,
@@ -63,14 +69,20 @@ def start_job(cfg: Config, job: Job, image: Optional[str],
         faults.point("recorded")
         cg = _make_cgroup(cfg, job, record, undo) if cfg.cgroups else None
         faults.point("cgroup_created")
+        late = cg is not None and attach_pid is not None and record["cgroup"]["owned"]
+        early = None
+        if check is not None:
+            if late and cg is not None and attach_pid is not None:
+                early = _attach_early(cfg, cg, attach_pid, record, undo)
+            late = late and early is None
+            image = record["image"] = check()
         if image is not None:
-            record["stage"] = "joining"
-            save_record(cfg.state_dir, record)
-            undo.callback(_best_effort, stage.leave_all, cfg, job.job_id)
-            version = stage.join_image(cfg, job.job_id, image, job.user)
-            faults.point("stage_joined")
-            record["stage"], record["version"] = "joined", version
-        if cg is not None and attach_pid is not None and record["cgroup"]["owned"]:
+            version = _join_stage(cfg, job, image, record, undo)
+        if early is not None:
+            early.wait(cfg.lock_timeout)
+            faults.point("attached")
+        elif late:
+            assert cg is not None and attach_pid is not None
             record["cgroup"]["attached"] = attach_pid
             save_record(cfg.state_dir, record)
             cg.attach(attach_pid)
@@ -82,6 +94,34 @@ def start_job(cfg: Config, job: Job, image: Optional[str],
         undo.pop_all()
     faults.point("started")
     return version
+
+
+def _join_stage(cfg: Config, job: Job, image: str, record: dict[str, Any], undo: Undo) -> str:
+    from . import stage  # (only for jobs in an image: mounts, identity, homes ...)
+    record["stage"] = "joining"
+    save_record(cfg.state_dir, record)
+    undo.callback(_best_effort, stage.leave_all, cfg, job.job_id)
+    version = stage.join_image(cfg, job.job_id, image, job.user)
+    faults.point("stage_joined")
+    record["stage"], record["version"] = "joined", version
+    return version
+
+
+def _attach_early(cfg: Config, cg: cgroups.JobCgroup, pid: int, record: dict[str, Any],
+                  undo: Undo) -> Optional[early.EarlyAttach]:
+    """Start moving ``pid`` into ``cg`` in a thread (None: where it is now is unknown, so
+    it is moved later, the usual way); the undo moves it back where it was."""
+    from . import early
+    origin = early.origin_dirs(cg, cgroups.Layout(*record["cgroup"]["layout"]), pid)
+    if origin is None:
+        return None
+    record["cgroup"]["attached"] = pid
+    record["cgroup"]["origin"] = origin
+    save_record(cfg.state_dir, record)
+    attaching = early.EarlyAttach(cg, pid, origin)
+    # Runs before the cgroup's own removal (undo is last in, first out).
+    undo.callback(_best_effort, attaching.detach, cfg.lock_timeout)
+    return attaching
 
 
 def _make_cgroup(cfg: Config, job: Job, record: dict[str, Any],
@@ -161,10 +201,13 @@ def job_cgroup_of(record: dict[str, Any]) -> Optional[cgroups.JobCgroup]:
 
 
 def end_job(cfg: Config, job_id: str, exit_status: str = "",
-            recovered: bool = False,
-            extra: Optional[dict[str, Any]] = None) -> Optional[dict[str, Any]]:
+            recovered: bool = False, extra: Optional[dict[str, Any]] = None,
+            defer: bool = False) -> Optional[dict[str, Any]]:
     """Undo whatever start_job() got done for ``job_id``; idempotent.
 
+    defer: return once the job's processes are dead and its accounting is
+    written, leaving the rest (stage, cgroup, record) to a detached worker
+    (deferred.py); if that never finishes, the reconciler does, from the record.
     Returns the accounting record written (None if the job had no record).
     A process that survives SIGKILL raises CgroupError and leaves the record
     for the reconciler: the stage stays too, since that process may hold it.
@@ -176,6 +219,7 @@ def end_job(cfg: Config, job_id: str, exit_status: str = "",
     acct = None
     _stop_adopter(record)  # nothing is moved into the cgroup while it is killed
     if record.get("stage"):  # where the job may have run: all it joined
+        from . import stage  # (only for jobs in an image)
         record["versions"] = stage.memberships(cfg, job_id)
     if cg is not None and cg.exists():
         n = cg.kill(cfg.kill_timeout)
@@ -188,12 +232,20 @@ def end_job(cfg: Config, job_id: str, exit_status: str = "",
             faults.point("end:accounted")
             record["accounted"] = True
             save_record(cfg.state_dir, record)
+    if record.get("stage") and record["stage"] != "leaving":
+        record["stage"] = "leaving"  # from now on, image switches pass it by
+        save_record(cfg.state_dir, record)
+    if defer and record.get("stage"):  # (a cgroup's rmdir alone is not worth a fork)
+        from .deferred import spawn_worker
+        if spawn_worker(cfg, [], [job_id]):
+            return acct
     if record.get("stage"):
-        if record["stage"] != "leaving":  # from now on, image switches pass it by
-            record["stage"] = "leaving"
-            save_record(cfg.state_dir, record)
         stage.leave_all(cfg, job_id)
         faults.point("end:stage_left")
+        pending = stage.pending_teardowns()
+        if pending:  # an idle stage's teardown after its grace period (the lock is free)
+            from .deferred import after_leave
+            after_leave(cfg, pending)
     if cg is not None and record["cgroup"].get("owned"):
         cg.remove()
         faults.point("end:cgroup_removed")

@@ -26,7 +26,9 @@ if TYPE_CHECKING:
     from .config import Config
 
 __all__ = ["stage_dir", "bind_set", "all_binds", "jobs_dir", "join", "join_image",
-           "join_locked", "leave", "leave_all", "sweep", "members", "memberships", "version_of"]
+           "join_locked", "leave", "leave_all", "sweep", "sweep_idle", "pending_teardowns",
+           "idle_deadline", "idle_mark", "unlink_quietly", "members", "memberships",
+           "version_of"]
 
 log = get_logger(__name__)
 
@@ -38,6 +40,9 @@ _SHADOW_FILES = ("/etc/shadow", "/etc/gshadow")
 DEMUX_PATHS = ("/usr/sbin/pbs_demux", "/usr/local/sbin/pbs_demux", "/sbin/pbs_demux",
                "/opt/torque/sbin/pbs_demux")
 _NSCD = "/var/run/nscd"
+_IDLE = "idle"  # in a stage's directory: its last job left; holds the teardown deadline
+# Stages this process marked idle: (version, deadline), for deferred.spawn_worker.
+_pending: list[tuple[str, float]] = []
 
 
 def stage_dir(cfg: Config, version: str) -> str:
@@ -181,10 +186,11 @@ def join_locked(cfg: Config, job_ids: Sequence[str], version: str,
     elif problem:
         _build(cfg, sdir, version, steps, info, mode)
     faults.point("stage:ready")
+    unlink_quietly(os.path.join(sdir, _IDLE))  # in use again: no deferred teardown may take it
     for job_id, user in zip(job_ids, list(users) + [""] * (len(job_ids) - len(users))):
         _touch(os.path.join(sdir, "members", job_id), user)
         log.info("job %s joined stage %s", job_id, version)
-    identity.refresh(sdir)
+    identity.refresh(sdir, cfg.identity_cache)
     entry.refresh(cfg, sdir, image, job_ids)  # its users may enter it without root
     for user in sorted(set(users) - {""}):
         # Homes and work directories that are links on the host (homes.py).
@@ -262,9 +268,20 @@ def _leave_locked(cfg: Config, job_id: str, sdir: str) -> bool:
     info = read_json(os.path.join(sdir, "info.json"))
     version = _version_in(info) or sdir
     if left or (cfg.keep_stage and _is_ready(info)):
-        identity.refresh(sdir)
+        identity.refresh(sdir, cfg.identity_cache)
         entry.refresh(cfg, sdir)
         log.info("job %s left stage %s (%d job(s) remain)", job_id, version, len(left))
+        return False
+    if cfg.stage_grace > 0 and _is_ready(info):
+        deadline = time.time() + cfg.stage_grace
+        _touch(os.path.join(sdir, _IDLE), f"{deadline:.6f}\n")  # on disk before any worker
+        faults.point("stage:idle_marked")
+        identity.refresh(sdir, cfg.identity_cache)
+        from .deferred import worker_alive
+        if not worker_alive(sdir):  # one worker per stage: a live one waits on
+            _pending.append((version, deadline))
+        log.info("job %s left stage %s, the last one: kept %g s more", job_id, version,
+                 cfg.stage_grace)
         return False
     _destroy(sdir, version)
     log.info("job %s left stage %s, the last one: torn down", job_id, version)
@@ -272,14 +289,68 @@ def _leave_locked(cfg: Config, job_id: str, sdir: str) -> bool:
 
 
 def sweep(cfg: Config, version: str) -> bool:
-    """Tear down the stage of ``version`` if it has no members (and policy allows)."""
+    """Tear down the stage of ``version`` if it has no members (and policy allows): not
+    before the deadline of an idle stage's grace period."""
     sdir = stage_dir(cfg, version)
     with node_lock(cfg.state_dir, cfg.lock_timeout):
         if not os.path.isdir(sdir) or members(sdir) or cfg.keep_stage:
             return False
+        deadline = idle_deadline(sdir)
+        if deadline is not None and deadline > time.time():
+            return False
         _destroy(sdir, version)
     log.info("stage %s had no jobs left: torn down", version)
     return True
+
+
+def sweep_idle(cfg: Config, version: str) -> bool:
+    """The deferred teardown (deferred.py): tear down the stage of ``version`` if it is
+    still idle (no job joined since it was marked) and its deadline has passed."""
+    sdir = stage_dir(cfg, version)
+    with node_lock(cfg.state_dir, cfg.lock_timeout):
+        deadline = idle_deadline(sdir)
+        if deadline is None or deadline > time.time() or members(sdir) or cfg.keep_stage:
+            return False
+        _destroy(sdir, version)
+    log.info("stage %s idle for its grace period: torn down", version)
+    return True
+
+
+def idle_deadline(sdir: str) -> Optional[float]:
+    """When an idle stage is to be torn down (None: not idle); unreadable: now."""
+    try:
+        with open(os.path.join(sdir, _IDLE), "rb") as f:
+            text = f.read(64).decode("ascii", "replace").strip()
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return 0.0
+    try:
+        return float(text)
+    except ValueError:
+        return 0.0
+
+
+def idle_mark(sdir: str) -> str:
+    """The file that marks a stage idle (its content: the teardown deadline)."""
+    return os.path.join(sdir, _IDLE)
+
+
+def pending_teardowns() -> list[tuple[str, float]]:
+    """The stages this process marked idle since the last call: (version, deadline)."""
+    out = list(_pending)
+    del _pending[:]
+    return out
+
+
+def unlink_quietly(path: str) -> None:
+    """Remove a file of the state directory; fine if it is gone."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        raise StateError(f"can't remove {path}: {e.strerror}") from e
 
 
 def _is_ready(info: Optional[Any]) -> bool:
