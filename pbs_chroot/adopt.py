@@ -136,7 +136,8 @@ class Adopter:
         self.cgroup = cgroup
         self.alive = alive            # False once the job's record is gone
         self.cgroup_for = cgroup_for  # another job's cgroup on this node, or None
-        self.owner = owner            # the uid of a job's user (None: unknown)
+        self._owner = owner           # the uid of a job's user (None: unknown)
+        self._owners: dict[str, Optional[int]] = {}
         self.adopted: set[int] = set()
         self.traced: set[int] = set()
 
@@ -149,6 +150,15 @@ class Adopter:
         sock.send(_NLMSG_HDR.pack(_NLMSG_HDR.size + len(cn), _NLMSG_DONE, 0, 0, 0) + cn)
         return sock
 
+    def owner(self, job_id: str) -> Optional[int]:
+        """The uid of ``job_id``'s user, looked up once (a record and a passwd lookup)."""
+        if job_id in self._owners or self._owner is None:
+            return self._owners.get(job_id)
+        uid = self._owner(job_id)
+        if uid is not None:  # (a job whose record is not there yet is asked again)
+            self._owners[job_id] = uid
+        return uid
+
     def _job(self, pid: int) -> Optional[str]:
         """The job ``pid`` is a task of: its PBS_JOBID, if the process is that job's user's.
 
@@ -156,7 +166,7 @@ class Adopter:
         claiming another user's job is never moved into that job's cgroup.
         """
         job_id = _job_of(pid)
-        if job_id is None or self.owner is None:
+        if job_id is None or self._owner is None:
             return job_id
         uid = _uid_of(pid)
         return job_id if uid is not None and uid == self.owner(job_id) else None
@@ -167,13 +177,25 @@ class Adopter:
             if pid not in self.adopted and self._job(pid) == self.job_id:
                 self.adopt_tree(pid)
 
+    def _resync(self) -> None:
+        """After lost events: what is adopted is what the cgroup holds now (an EXIT missed
+        would leave a pid that the kernel may give to anyone's process), then a scan."""
+        try:
+            self.adopted = set(self.cgroup.procs())
+        except CgroupError:
+            self.adopted = set()
+        self.scan()
+
     def adopt_tree(self, pid: int) -> None:
-        """Move ``pid`` and its descendants into the job's cgroup."""
+        """Move ``pid`` and its descendants into the job's cgroup (only the job user's)."""
+        owner = self.owner(self.job_id)
         todo = [pid]
         while todo:
             p = todo.pop()
             if p in self.adopted or p == os.getpid():
                 continue
+            if owner is not None and _uid_of(p) != owner:
+                continue  # not the job's user's: never moved into its cgroup
             try:
                 self.cgroup.attach(p)
             except CgroupError as e:  # gone meanwhile (ESRCH), or the cgroup is gone
@@ -291,7 +313,7 @@ class Adopter:
                 try:
                     data = sock.recv(1 << 16)
                 except OSError:  # ENOBUFS: events were dropped; look again
-                    self.scan()
+                    self._resync()
                     data = b""
                 self._dispatch(data)
             self.reap_traced()
