@@ -121,3 +121,17 @@ def test_a_task_claiming_another_users_job_is_not_moved(
     a._place(7, late=True)
     a._place(8)
     assert theirs.attached == [] and mine.attached == [8]
+
+
+def test_only_the_job_users_processes_are_adopted_and_lost_events_resync(
+        world: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    mine = FakeCgroup("p/1.vm")
+    a = adopt.Adopter(MOM, "1.vm", mine, lambda: True,  # type: ignore[arg-type]
+                      lambda job: None, {"1.vm": 1000}.get)
+    world["procs"].update({7: (MOM, "1.vm", [8, 9]), 8: (7, None, []), 9: (7, None, [])})
+    monkeypatch.setattr(adopt, "_uid_of", lambda pid: 2000 if pid == 9 else 1000)
+    a.adopt_tree(7)
+    assert mine.attached == [7, 8] and a.adopted == {7, 8}  # 9: someone else's (a reused pid)
+    monkeypatch.setattr(mine, "procs", lambda: [8], raising=False)
+    a._resync()  # events were lost: 7's EXIT among them
+    assert a.adopted == {8}
