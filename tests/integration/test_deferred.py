@@ -63,7 +63,7 @@ def cfg(node: Node) -> config.Config:
 def start(cfg: config.Config, job_id: str, pid: int,
           check: Callable[[], Optional[str]]) -> Optional[str]:
     job = lifecycle.Job(job_id, USER, USER, "batch", "mem=100mb")
-    return lifecycle.start_job(cfg, job, None, pid, check)
+    return lifecycle.start_job(cfg, job, None, pid, check=check)
 
 
 def test_refused_job_is_moved_back_out_and_its_cgroup_removed(node: Node,
