@@ -116,3 +116,6 @@ def test_the_refusal_line_into_a_silent_file_system_gives_up_in_time(
     assert userfile.append_as_user(USER, str(silent.where / "job.e1"), "refused\n") is False
     assert time.monotonic() - start < 8  # its 5 s deadline, then at most the kill's grace
     assert silent.requests >= 1  # it did reach the file system
+    silent.close()  # the writer, left behind, can end now: reap it (this test's only child)
+    pid, status = os.waitpid(-1, 0)
+    assert os.waitstatus_to_exitcode(status) == -9
