@@ -13,8 +13,8 @@ checks refuse the images that would open the door by themselves:
   same uid, su to an image account is su to that user;
 - ``NOPASSWD`` or ``!authenticate`` in sudoers, the files it includes, or
   sudoers.d;
-- PAM letting anyone through: ``pam_permit`` in an auth stack, or
-  ``pam_wheel`` with ``trust``;
+- PAM letting anyone through: ``pam_permit`` (or ``pam_wheel`` with
+  ``trust``) as a ``sufficient`` auth line, or as a file's only one;
 - ``user``, ``users``, ``owner`` or ``group`` among an fstab entry's options;
 - a pbs_demux, which pbs_mom runs in the image without the job starter (the
   stage covers it; the audit says so).
@@ -156,17 +156,23 @@ def _sudoers(root: str) -> list[str]:
 
 
 def _pam(root: str) -> list[str]:
+    """auth stacks a success of pam_permit (or pam_wheel's trust) ends: ``sufficient``, or
+    the file's only auth line. (Debian's common-auth ends in ``required pam_permit`` after
+    a ``requisite pam_deny`` that pam_unix must jump over: that is no door.)"""
     found = []
     for name in _listdir(root, "etc/pam.d"):
-        for n, line in enumerate(_read(root, f"etc/pam.d/{name}").splitlines(), 1):
-            words = line.split("#", 1)[0].split()
-            if len(words) < 3 or words[0].lstrip("-") != "auth":
-                continue
-            module = os.path.basename(words[2]) if not words[1].startswith("[") else \
-                next((os.path.basename(w) for w in words if w.endswith(".so")), "")
-            if module == "pam_permit.so" or (module == "pam_wheel.so" and "trust" in words):
-                found.append(f"/etc/pam.d/{name}:{n}: {module} in the auth stack lets a "
-                             f"setuid {name} through without a password")
+        lines = [(n, line.split("#", 1)[0].split())
+                 for n, line in enumerate(_read(root, f"etc/pam.d/{name}").splitlines(), 1)]
+        auth = [(n, w) for n, w in lines if len(w) >= 3 and w[0].lstrip("-") == "auth"]
+        for n, words in auth:
+            if words[1].startswith("["):
+                continue  # [value=action ...]: jumps, not judged here
+            module = os.path.basename(words[2])
+            lets_in = module == "pam_permit.so" or (module == "pam_wheel.so"
+                                                    and "trust" in words)
+            if lets_in and (words[1] == "sufficient" or len(auth) == 1):
+                found.append(f"/etc/pam.d/{name}:{n}: auth {words[1]} {module} lets a setuid "
+                             f"{name} through without a password")
     return found
 
 

@@ -87,7 +87,11 @@ def test_loader_flaws_by_version() -> None:
 def test_pam_that_lets_anyone_through_and_sudoers_includes(tmp_path: Path) -> None:
     root = tree(tmp_path, {
         "etc/pam.d/su": "auth sufficient pam_rootok.so\nauth sufficient pam_wheel.so trust\n",
-        "etc/pam.d/login": "auth [success=1 default=ignore] pam_permit.so\n",
+        "etc/pam.d/login": "auth sufficient pam_permit.so\n",
+        # Debian's own common-auth: pam_permit after a requisite pam_deny is no door
+        "etc/pam.d/common-auth": "auth [success=1 default=ignore] pam_unix.so nullok\n"
+                                 "auth requisite pam_deny.so\nauth required pam_permit.so\n",
+        "etc/pam.d/other": "auth required pam_permit.so\n",  # its only auth line: a door
         "etc/pam.d/passwd": "# auth sufficient pam_permit.so\npassword required pam_permit.so\n",
         "etc/sudoers": "@include /etc/sudo.extra\n#includedir /etc/more\n",
         "etc/sudo.extra": "ops ALL=(ALL) NOPASSWD: ALL\n",
@@ -95,7 +99,8 @@ def test_pam_that_lets_anyone_through_and_sudoers_includes(tmp_path: Path) -> No
         "etc/more/b.bak": "x ALL=(ALL) NOPASSWD: ALL\n"})  # sudo skips names with a dot
     found, _ = doors.inspect(root)
     assert [f.split(":")[0] for f in found] == [
-        "/etc/sudo.extra", "/etc/more/a", "/etc/pam.d/login", "/etc/pam.d/su"], found
+        "/etc/sudo.extra", "/etc/more/a", "/etc/pam.d/login", "/etc/pam.d/other",
+        "/etc/pam.d/su"], found
 
 
 def test_a_pbs_demux_in_the_image_is_a_door(tmp_path: Path) -> None:
