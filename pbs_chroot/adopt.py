@@ -304,7 +304,14 @@ class Adopter:
         signal.signal(signal.SIGCHLD, lambda signum, frame: None)
         signal.set_wakeup_fd(wake_w)
         self.scan()
+        mom = proc_starttime(self.mom_pid)
         while self.alive() and self.cgroup.exists():
+            if proc_starttime(self.mom_pid) != mom:
+                # pbs_mom restarted: its pid may be anyone's now, whose children
+                # must never be seized. (The reconciler has the job from here.)
+                log.warning("job %s: pbs_mom %d is gone: the task adopter stops",
+                            self.job_id, self.mom_pid)
+                break
             ready = select.select([sock, wake_r], [], [], _TICK)[0]
             if wake_r in ready:
                 while _drain(wake_r):
@@ -380,6 +387,11 @@ def _adopter_main(adopter: Adopter, w: int) -> None:
         for fd in (0, 1, 2):
             os.dup2(null, fd)
         os.chdir("/")
+        try:  # the hook shielded itself from the OOM killer; a long-lived daemon must not be
+            with open("/proc/self/oom_score_adj", "w") as f:
+                f.write("0")
+        except OSError:
+            pass
         try:
             sock = adopter.listen()
         except OSError as e:
