@@ -11,6 +11,7 @@ directory (said in the results). Everything vanishes with the namespace; only th
 (not namespaced) are global: they live below a parent of the benchmark's own
 (``pbs_chroot_bench.PID``), removed by ``remove_cgroup_parent``.
 """
+import errno
 import json
 import os
 import shutil
@@ -235,6 +236,14 @@ class Node:
             f"job_starter = {self.job_starter}\n{_merged(self.settings, main)}\n"
             f"[image {self.image}]\n\n{binds}")
         os.chmod(self.config, 0o644)
+        # The image's mount points for this bind set, as `pbs-chroot image build` makes
+        # them: a stage never makes them at job time.
+        from pbs_chroot import images
+        try:
+            images.add_mount_points(config.load(str(self.config)), str(self.version))
+        except OSError as e:
+            if e.errno != errno.EROFS:  # staged: its mount points are there already
+                raise
 
     def _install(self) -> None:
         res = subprocess.run([sys.executable, "-m", "pbs_chroot", "--config", str(self.config),
