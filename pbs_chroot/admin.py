@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 from . import config as config_mod
 from . import gate, lifecycle, log, report
 from .errors import ConfigError, PbsChrootError, UserError
+from .filterinstall import read_head
 from .paths import check_version_private, resolve_admin_path
 from .state import ensure_layout
 
@@ -93,7 +94,7 @@ def install(pbs_home: str, config: str, pbsnodes: str, python: str, force: bool,
     libdir = _check_importable(python)
     for name in HOOKS:
         path = os.path.join(mom_priv, name)
-        if os.path.lexists(path) and not force and _MARKER not in _read(path):
+        if os.path.lexists(path) and not force and _MARKER not in read_head(path):
             raise UserError(f"can't install: {path} exists and is not ours; "
                             "move it away or use --force")
     cfg, changed = None, False
@@ -122,14 +123,6 @@ def install(pbs_home: str, config: str, pbsnodes: str, python: str, force: bool,
             else "# job_starter = none in the config: no job starter installed (not a "
             "Torque node?).")
     return MOM_CONFIG_ADVICE.format(mom_priv=mom_priv, starter=note)
-
-
-def _read(path: str) -> str:
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            return f.read(4096)
-    except OSError:
-        return ""
 
 
 def _write_root_file(path: str, text: str) -> None:

@@ -15,7 +15,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Optional
 
-__all__ = ["render_filter", "install_filter", "DEFAULT_FILTER_PATH", "MARKER"]
+__all__ = ["render_filter", "install_filter", "read_head", "DEFAULT_FILTER_PATH", "MARKER"]
 
 DEFAULT_FILTER_PATH = "/usr/local/sbin/pbs-chroot-submit-filter"
 MARKER = "from pbs_chroot.submitfilter import main"
@@ -57,7 +57,7 @@ def install_filter(path: str, python: str, config: str, libdir: str, force: bool
                    pbs_home: Optional[str]) -> str:
     """Write the filter at ``path``; set it in torque.cfg (or say how). Returns what to tell."""
     text = render_filter(path, python, config, libdir)
-    if os.path.lexists(path) and not force and MARKER not in _read(path):
+    if os.path.lexists(path) and not force and MARKER not in read_head(path):
         raise UserError(f"can't install: {path} exists and is not ours; move it away or "
                         "use --force")
     tmp = f"{path}.new.{os.getpid()}"
@@ -76,7 +76,8 @@ def install_filter(path: str, python: str, config: str, libdir: str, force: bool
     return f"wrote {path}; {cfg}: {line}\n"
 
 
-def _read(path: str) -> str:
+def read_head(path: str) -> str:
+    """The start of a file we may be about to replace ('' if unreadable): is it ours?"""
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
             return f.read(4096)
