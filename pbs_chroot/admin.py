@@ -125,14 +125,14 @@ def install(pbs_home: str, config: str, pbsnodes: str, python: str, force: bool,
     return MOM_CONFIG_ADVICE.format(mom_priv=mom_priv, starter=note)
 
 
-def _write_root_file(path: str, text: str) -> None:
+def _write_root_file(path: str, text: str, mode: int = 0o500) -> None:
     # pbs_mom runs only a root-owned regular file that is not group/other
     # writable: write it that way, then rename over the old one.
     tmp = f"{path}.new.{os.getpid()}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o500)
     with os.fdopen(fd, "w") as f:
         os.fchown(f.fileno(), 0, 0)
-        os.fchmod(f.fileno(), 0o500)
+        os.fchmod(f.fileno(), mode)
         f.write(text)
     os.replace(tmp, path)
 
@@ -419,6 +419,12 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--syslog-socket", default="/dev/log",
                    help="where the hooks log before the config is read, and when it is "
                    "refused (default %(default)s; then the config's syslog_socket)")
+    i.add_argument("--openpbs", metavar="DIR", nargs="?", const="/usr/libexec/pbs_chroot",
+                   help="OpenPBS: write the hook script and the shim into DIR (default "
+                   "%(const)s) and print the qmgr commands")
+    i.add_argument("--apply", action="store_true",
+                   help="with --openpbs, on the server host: run the qmgr commands")
+    i.add_argument("--qmgr", default="/opt/pbs/bin/qmgr", help="with --openpbs: qmgr's path")
     r = sub.add_parser("run", help="run a command in an image as a job would run (without "
                        "root: through a user namespace)")
     where = r.add_mutually_exclusive_group(required=True)
@@ -501,6 +507,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                             "root, use an allowlisted --image")
         if args.command == "install" and args.submit_filter:
             return _install_filter(args)
+        if args.command == "install" and args.openpbs:
+            from . import openpbsinstall
+            cfg = config_mod.load(args.config)
+            print(openpbsinstall.install(os.path.abspath(args.openpbs),
+                                         os.path.abspath(args.config), args.python,
+                                         args.syslog_socket, cfg.image_resource, args.apply,
+                                         args.qmgr), end="")
+            return 0
         if args.command == "install":
             if not args.pbs_home:
                 raise UserError("install: --pbs-home is required (or --submit-filter)")

@@ -91,7 +91,8 @@ class Config(Record):
                  "syslog_socket", "cgroups", "cgroup_parent", "torque_cgroup_parent",
                  "memory_policy", "memory_cap", "limit_swap", "pids_max", "kill_timeout",
                  "accounting_log", "identity", "tmpdir", "user_dirs", "job_starter",
-                 "entry_dir", "early_attach", "stage_grace", "defer_teardown", "identity_cache")
+                 "entry_dir", "early_attach", "stage_grace", "defer_teardown", "identity_cache",
+                 "image_resource")
 
     def __init__(self, path: str, images: tuple[Image, ...], binds: tuple[BindSpec, ...],
                  state_dir: str = "/var/lib/pbs_chroot", pbs_home: str = "/var/spool/torque",
@@ -108,7 +109,8 @@ class Config(Record):
                  user_dirs: tuple[str, ...] = (),
                  job_starter: str = DEFAULT_JOB_STARTER, entry_dir: str = "",
                  early_attach: bool = True, stage_grace: float = 0.0,
-                 defer_teardown: bool = False, identity_cache: float = 60.0) -> None:
+                 defer_teardown: bool = False, identity_cache: float = 60.0,
+                 image_resource: str = "image") -> None:
         self.path = path
         self.images = images
         self.binds = binds
@@ -144,6 +146,7 @@ class Config(Record):
         self.stage_grace = stage_grace
         self.defer_teardown = defer_teardown  # the epilogue leaves the undoing to a worker
         self.identity_cache = identity_cache  # a stage's passwd/group kept for one user set
+        self.image_resource = image_resource  # OpenPBS: qsub -l NAME=/chroot/sl5 (openpbs.py)
 
     def image(self, path: str) -> Optional[Image]:
         """The allowlisted image whose path equals ``path`` as text, or None."""
@@ -281,7 +284,7 @@ _FIELDS = {
     "tmpdir": "abspath", "user_dirs": "userdirs", "job_starter": "starter",
     "entry_dir": "abspath",
     "early_attach": "bool", "stage_grace": "grace", "defer_teardown": "bool",
-    "identity_cache": "grace",
+    "identity_cache": "grace", "image_resource": "resname",
 }
 _IDENTITY_MODES = ("generated", "host", "nscd")
 _SPECIAL_SOURCES = ("proc", "tmpfs")
@@ -301,6 +304,10 @@ def _convert(path: str, key: str, value: str) -> object:
     if kind == "cgroupname" and not _is_cgroup_name(value):
         raise ConfigError(f"config {path}: {key} must be a relative cgroup path like "
                           f"'pbs_chroot', not {value!r}")
+    if kind == "resname" and not (value[:1].isascii() and value[:1].isalpha() and value.isascii()
+                                  and all(c.isalnum() or c in "_-" for c in value)):
+        raise ConfigError(f"config {path}: {key} must be an OpenPBS resource name like "
+                          f"'image', not {value!r}")
     if kind == "starter":
         if value == "none":
             return ""

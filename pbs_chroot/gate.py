@@ -70,21 +70,24 @@ def _check_request(entries: list[tuple[str, str]], lossy: list[str], cfg: Config
     return _check_value(found[0][1], cfg, user, queue)
 
 
-def check_value(value: str, cfg: Config, user: str, queue: str) -> Image:
-    """The allowlisted Image equal to ``value`` as text and usable by this user and queue."""
+def check_value(value: str, cfg: Config, user: str, queue: str, name: str = ROOTDIR) -> Image:
+    """The allowlisted Image equal to ``value`` as text and usable by this user and queue.
+
+    ``name``: how the user asked for it, for the message (OpenPBS: ``-l image``).
+    """
     try:
-        return _check_value(value, cfg, user, queue)
+        return _check_value(value, cfg, user, queue, name)
     except UserError as e:
         raise UserError(f"{e.user_msg}; allowed: {_allowed(cfg, user, queue)}") from None
 
 
-def _check_value(value: str, cfg: Config, user: str, queue: str) -> Image:
+def _check_value(value: str, cfg: Config, user: str, queue: str, name: str = ROOTDIR) -> Image:
     problem = _shape_problem(value)
     if problem:
-        raise UserError(f"can't use image {ROOTDIR}={show(value)}: {problem}")
+        raise UserError(f"can't use image {name}={show(value)}: {problem}")
     image = cfg.image(value)
     if image is None:
-        raise UserError(f"can't use image {ROOTDIR}={show(value)}: not an image of this site")
+        raise UserError(f"can't use image {name}={show(value)}: not an image of this site")
     reason = may_use(image, user, queue)
     if reason:
         raise UserError(f"can't use image {value}: {reason}")

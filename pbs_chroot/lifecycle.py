@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from . import early
     from .config import Config
 
-__all__ = ["FAULT_POINTS", "Job", "start_job", "end_job", "job_cgroup_of"]
+__all__ = ["FAULT_POINTS", "Job", "start_job", "attach", "end_job", "job_cgroup_of"]
 
 log = get_logger(__name__)
 
@@ -188,6 +188,20 @@ def _stop_adopter(record: dict[str, Any]) -> None:
     if isinstance(info, dict) and isinstance(info.get("pid"), int):
         from . import adopt
         adopt.stop(info["pid"], info.get("start") or 0)
+
+
+def attach(cfg: Config, job_id: str, pid: int) -> Optional[dict[str, Any]]:
+    """Move ``pid``, a process of the job started after start_job (OpenPBS's launch: the job
+    or a TM task), into the job's cgroup, if pbs_chroot made it. The job's record (None: it
+    has none on this node, and nothing is done)."""
+    record = load_record(cfg.state_dir, job_id)
+    if record is None:
+        return None
+    cg = job_cgroup_of(record)
+    if cg is not None and record["cgroup"].get("owned"):
+        cg.attach(pid)
+        faults.point("launch:attached")
+    return record
 
 
 def job_cgroup_of(record: dict[str, Any]) -> Optional[cgroups.JobCgroup]:

@@ -147,13 +147,17 @@ def get_logger(name: str) -> Logger:
     return Logger(name)
 
 
-def setup(ident: str, address: str = "/dev/log", level: int = INFO) -> None:
-    """Send log records to syslog as ``ident[pid]`` (idempotent)."""
+def setup(ident: str, address: str = "/dev/log", level: int = INFO,
+          route_logging: bool = True) -> None:
+    """Send log records to syslog as ``ident[pid]`` (idempotent).
+
+    ``route_logging``: also what the logging package gets (never in a process that is
+    not ours, such as the OpenPBS server running a queuejob hook)."""
     global _sink
     if _sink is not None:
         _sink.reset()
     _sink = _Syslog(ident, address, level)
-    if "logging" in sys.modules:
+    if route_logging and "logging" in sys.modules:
         _route_logging_package(level)
 
 

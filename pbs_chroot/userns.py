@@ -131,9 +131,10 @@ def _own_tree(tree: str) -> str:
 
 
 def enter(plan: StagePlan, env: dict[str, str], cwds: Sequence[str],
-          cmd: Sequence[str]) -> int:
+          cmd: Sequence[str], argv0: Optional[str] = None) -> int:
     """Build ``plan`` in new namespaces and run ``cmd`` there (in the first of ``cwds`` that
-    exists, else /); return its exit status (128+N: killed by signal N)."""
+    exists, else /; with ``argv0`` as its argv[0] if given); return its exit status
+    (128+N: killed by signal N)."""
     uid, gid = os.getuid(), os.getgid()
     try:
         _sys.unshare(_sys.CLONE_NEWUSER | _sys.CLONE_NEWNS | _sys.CLONE_NEWPID)
@@ -151,7 +152,7 @@ def enter(plan: StagePlan, env: dict[str, str], cwds: Sequence[str],
         raise PrivilegeError(f"can't map your ids into the user namespace: {e}") from e
     pid = os.fork()
     if pid == 0:
-        _child(plan, env, cwds, cmd)
+        _child(plan, env, cwds, cmd, argv0)
     os.close(plan.root_fd)
     return _wait_forwarding(pid)
 
@@ -166,7 +167,7 @@ def _hint(err: Optional[int]) -> str:
 
 
 def _child(plan: StagePlan, env: dict[str, str], cwds: Sequence[str],
-           cmd: Sequence[str]) -> NoReturn:
+           cmd: Sequence[str], argv0: Optional[str] = None) -> NoReturn:
     """PID 1 of the new PID namespace: build the stage, drop everything, run the command."""
     try:
         os.setsid()  # no controlling terminal for the job: no TIOCSTI into the caller's shell
@@ -178,7 +179,7 @@ def _child(plan: StagePlan, env: dict[str, str], cwds: Sequence[str],
         _close_fds()
         job = os.fork()
         if job == 0:
-            _exec_job(env, cwds, cmd)
+            _exec_job(env, cwds, cmd, argv0)
     except PbsChrootError as e:
         _die(e.detail)
     except OSError as e:
@@ -213,7 +214,8 @@ def _close_fds() -> None:
                 continue  # the listing's own descriptor
 
 
-def _exec_job(env: dict[str, str], cwds: Sequence[str], argv: Sequence[str]) -> NoReturn:
+def _exec_job(env: dict[str, str], cwds: Sequence[str], argv: Sequence[str],
+              argv0: Optional[str] = None) -> NoReturn:
     import errno
     for cwd in list(cwds) + ["/"]:
         try:
@@ -231,7 +233,7 @@ def _exec_job(env: dict[str, str], cwds: Sequence[str], argv: Sequence[str]) -> 
     os.umask(0o077)
     cmd = list(argv)
     try:
-        os.execvpe(cmd[0], cmd, env)
+        os.execvpe(cmd[0], [argv0, *cmd[1:]] if argv0 else cmd, env)
     except OSError as e:
         code = 127 if e.errno in (errno.ENOENT, errno.ENOTDIR) else 126
         _die(f"can't run: {cmd[0]}: {e.strerror}", code)

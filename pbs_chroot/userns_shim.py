@@ -11,7 +11,10 @@ which only root writes, and must name this user; the stage's entry lets in
 only users with a job in it (entry.py). It gains nothing the user did not
 have: a user namespace of its own, no capability after exec.
 
-    pbs-chroot-shim [--config PATH] -- CMD [ARG...]
+    pbs-chroot-shim [--config PATH] [--login] -- CMD [ARG...]
+
+``--login``: run CMD as pbs_mom runs a job's shell, with argv[0] "-" + its base
+name (OpenPBS replaces the shim's own argv[0] that way, and keeps the rest).
 
 Exit codes as the root shim's: 125 its own setup failed, 126/127 the command
 could not be run; otherwise the command's status (128+N: killed by signal N).
@@ -56,8 +59,11 @@ def _run(args: list[str]) -> int:
     path = os.environ.get("PBS_CHROOT_CONFIG", config_mod.DEFAULT_PATH)
     if args[:1] == ["--config"] and len(args) > 1:
         path, args = args[1], args[2:]
+    login = args[:1] == ["--login"]  # CMD as a login shell: argv[0] "-" + its base name
+    if login:
+        args = args[1:]
     if args[:1] != ["--"] or len(args) < 2:
-        raise UserError("usage: pbs-chroot-shim [--config PATH] -- CMD [ARG...]")
+        raise UserError("usage: pbs-chroot-shim [--config PATH] [--login] -- CMD [ARG...]")
     problem = userns.userns_problem()  # before anything is set up
     if problem:
         raise UserError(problem)
@@ -80,7 +86,8 @@ def _run(args: list[str]) -> int:
         cwd = pw.pw_dir
     # The job's own environment, as the batch system made it: no privilege boundary is
     # crossed here (the shim is the user's, not setuid), so nothing to clean.
-    return userns.enter(plan, dict(os.environ), [cwd, pw.pw_dir], args[1:])
+    argv0 = "-" + os.path.basename(args[1]) if login else None
+    return userns.enter(plan, dict(os.environ), [cwd, pw.pw_dir], args[1:], argv0)
 
 
 def job_of(cfg: Config, proc_cgroup: str) -> str:

@@ -1,0 +1,269 @@
+"""OpenPBS (issue 14): the hooks `install --openpbs` writes, run by an emulated OpenPBS.
+
+tests/openpbsemu.py runs each event the way OpenPBS runs it (in the process the captures
+and start_exec.c show), with the `pbs` module the captures show; the stage, the cgroup,
+the user namespace of the shim and the privilege drop are the real kernel's. The job is a
+real user's (pbsct), started by the emulated mom as root, that becomes pbsct after the
+launch hook and execs what the hook put first: the shim.
+"""
+import os
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from pbs_chroot import openpbsinstall
+from tests.conftest import (CG_PARENT, UID, USER, Site, Syslog, cgroup_children,
+                            mount_points, open_to_users)
+from tests.integration.test_userns import user_python  # noqa: F401
+from tests.integration.test_userns_entry import v2_delegated  # noqa: F401
+from tests.openpbsemu import Host, JobResult, NsHost, OpenPbs, PbsJob, mom_job, qsub
+
+pytestmark = [pytest.mark.root,
+              pytest.mark.skipif(os.geteuid() != 0, reason="needs root: stages, cgroups, "
+                                 "users")]
+
+PROBE = """head -n 1 /etc/os-release
+id -u
+grep NoNewPrivs /proc/self/status
+grep -c "{parent}/{job}" /proc/self/cgroup
+echo "login=$(tr '\\0' ' ' < /proc/$PPID/cmdline)tmpdir=$TMPDIR script=$0"
+touch "$TMPDIR/x" && echo tmpdir-ok
+"""
+
+
+class PbsSite:
+    """One OpenPBS execution host with the hooks installed, over a test Site."""
+
+    def __init__(self, name: str, site: Site, user_python: tuple, syslog_path: Path,  # noqa: F811
+                 cg_parent: str = CG_PARENT, binds: tuple = ()) -> None:
+        self.name, self.site, self.cg_parent = name, site, cg_parent
+        python, pkg = user_python
+        self.pbs_home = site.base / "pbs"
+        self.tmpdir = site.base / "tmpdir"   # pbs_mom's $tmpdir (/var/tmp on a real node)
+        self.tmpdir.mkdir(mode=0o755)
+        os.chmod(self.tmpdir, 0o1777)
+        self.entry = site.base / "entry"
+        (self.pbs_home / "mom_priv" / "jobs").mkdir(parents=True)  # before its mount point
+        self.configure()
+        self.libexec = site.base / "libexec"
+        self.install_text = openpbsinstall.install(
+            str(self.libexec), str(site.config), python, str(syslog_path), "image",
+            apply=False, qmgr="/opt/pbs/bin/qmgr", libdir=str(pkg))
+        open_to_users(self.libexec)
+        hook = self.libexec / "openpbs_hook.py"
+        self.host = NsHost(name, self.pbs_home, hook, binds) if binds \
+            else Host(name, self.pbs_home, hook)
+
+    def configure(self, main: str = "", images: str = "") -> None:
+        self.site.pbs_home = self.pbs_home
+        self.site.write_config(main=f"entry_dir = {self.entry}\n"
+                               f"tmpdir = {self.tmpdir}\njob_starter = none\n"
+                               f"node_name = {self.name}\n{main}", images=images)
+        text = self.site.config.read_text()
+        text = text.replace(f"cgroup_parent = {CG_PARENT}\n", f"cgroup_parent = {self.cg_parent}\n")
+        self.site.config.write_text(text)
+        self.site.add_mount_points(self.site.version)
+
+    def assert_clean(self) -> None:
+        assert not any(str(self.site.version) in m for m in mount_points())
+        for d in (self.site.state / "jobs", self.site.state / "stages", self.entry / "jobs",
+                  self.entry / "stages", self.pbs_home / "mom_priv" / "hooks" / "tmp",
+                  self.pbs_home / "spool"):
+            assert not d.exists() or os.listdir(d) == [], d
+
+
+@pytest.fixture
+def pbs(site: Site, syslog: Syslog, user_python: tuple,  # noqa: F811
+        v2_delegated: None) -> Iterator[PbsSite]:  # noqa: F811
+    yield PbsSite("vm", site, user_python, syslog.path)
+
+
+def job(p: PbsSite, seq: int, script: str, image: object = None, **kw: object) -> PbsJob:
+    res = {"ncpus": "1", "place": "free"}
+    if image is not None:
+        res["image"] = str(image)
+    jid = f"{seq}.vm"
+    return PbsJob(jid, USER, script.format(parent=p.cg_parent, job=jid), ["vm"], res, **kw)
+
+
+def test_install_prints_the_qmgr_commands_and_writes_root_files(pbs: PbsSite) -> None:
+    text = pbs.install_text
+    assert "qmgr -c 'create resource image type=string,flag=m'" in text
+    for name in openpbsinstall.HOOKS:
+        assert f"import hook {name} application/x-python default {pbs.libexec}/openpbs_hook.py" \
+            in text
+    assert "set hook pbs_chroot_begin fail_action = offline_vnodes" in text
+    assert "set hook pbs_chroot_launch freq = 300" in text
+    hook, shim = pbs.libexec / "openpbs_hook.py", pbs.libexec / "pbs-chroot-shim"
+    for path, mode in ((hook, 0o644), (shim, 0o755)):
+        st = path.lstat()
+        assert (st.st_uid, st.st_mode & 0o7777) == (0, mode)
+    assert f'CONFIG = "{pbs.site.config}"' in hook.read_text()
+
+
+def test_job_in_the_image_runs_as_the_user_with_no_new_privs(pbs: PbsSite,
+                                                           syslog: Syslog) -> None:
+    """The acceptance run: qsub -l image=... -l select=1:ncpus=1:mem=100mb."""
+    assert qsub(pbs.site.base, pbs.host.hook_file, USER, {"image": str(pbs.site.image)}) \
+        == (0, "")
+    before = mount_points()
+    j = job(pbs, 1, PROBE, pbs.site.image, mem="102400kb")
+    j.resources["mem"] = "100mb"
+    res = OpenPbs([pbs.host], pbs.tmpdir).run(j)
+    assert (res.action, res.exit_status) == ("ran", 0), (res.stderr, syslog.lines())
+    lines = res.stdout.splitlines()
+    assert "pbs_chroot demo image" in lines[0], res.stdout
+    assert lines[1] == str(UID)
+    assert lines[2] == "NoNewPrivs:\t1"
+    assert int(lines[3]) >= 1  # in its job's cgroup, made by execjob_begin
+    # A login shell, as mom's, reading the script's path on stdin (SHELL_INVOKE).
+    assert lines[4] == (f"login=-sh tmpdir={pbs.tmpdir}/pbs.1.vm "
+                        f"script={pbs.pbs_home}/mom_priv/jobs/1.vm.SC")
+    assert lines[5] == "tmpdir-ok"
+    acct = pbs.site.accounting_lines()
+    assert len(acct) == 1
+    a = acct[0]
+    assert (a["job_id"], a["user"], a["image"], a["exit"], a["node"]) == \
+        ("1.vm", USER, str(pbs.site.image), 0, "vm")
+    assert a["mem_limit_bytes"] == 102400 * 1024  # from exec_vnode's mem for this host
+    assert mount_points() == before
+    pbs.assert_clean()
+    assert pbs.host.offline is None
+    assert any("runs in image" in line for line in syslog.lines())
+
+
+def test_qsub_refuses_a_near_miss_with_the_allowed_list(pbs: PbsSite, syslog: Syslog) -> None:
+    rc, err = qsub(pbs.site.base, pbs.host.hook_file, USER, {"image": f"{pbs.site.image}/"})
+    assert rc == 1
+    assert err == (f"qsub: pbs-chroot: can't use image -l image={pbs.site.image}/: not an "
+                   f"image of this site; allowed: {pbs.site.image}\n")
+    assert any("queuejob refused" in line for line in syslog.lines())
+    assert qsub(pbs.site.base, pbs.host.hook_file, USER, {"ncpus": "2"}) == (0, "")
+
+
+def test_qsub_passes_a_job_without_an_image_even_with_a_broken_config(pbs: PbsSite) -> None:
+    os.chmod(pbs.site.config, 0o666)
+    assert qsub(pbs.site.base, pbs.host.hook_file, USER, {"ncpus": "1"}) == (0, "")
+    # With an image: the server can't check; the execution host will (and refuses there).
+    assert qsub(pbs.site.base, pbs.host.hook_file, USER, {"image": str(pbs.site.image)}) \
+        == (0, "")
+
+
+def test_job_without_an_image_gets_a_cgroup_and_accounting_on_the_host(pbs: PbsSite) -> None:
+    res = OpenPbs([pbs.host], pbs.tmpdir).run(
+        job(pbs, 2, "id -u; grep -c '{parent}/{job}' /proc/self/cgroup; "
+            "test -e /etc/os-release && head -n 1 /etc/os-release"))
+    assert (res.action, res.exit_status) == ("ran", 0), res.stderr
+    lines = res.stdout.splitlines()
+    assert lines[0] == str(UID) and int(lines[1]) >= 1
+    assert "pbs_chroot demo image" not in res.stdout
+    [a] = pbs.site.accounting_lines()
+    assert a["image"] is None and a["job_id"] == "2.vm"
+    pbs.assert_clean()
+
+
+def test_a_users_fault_on_the_node_deletes_the_job_with_the_reason(pbs: PbsSite) -> None:
+    """Accepted at qsub, refused on the node (the image's users changed): deleted, with the
+    line in the job's comment; never rerun."""
+    pbs.configure(images=f"users = {USER}2\n")
+    res = OpenPbs([pbs.host], pbs.tmpdir).run(job(pbs, 3, "echo ran", pbs.site.image))
+    assert res.action == "deleted"
+    assert res.comment.startswith(f"pbs-chroot: can't use image {pbs.site.image}: ")
+    assert "allowed: none" in res.comment or "allowed:" in res.comment
+    assert pbs.host.offline is None
+    assert pbs.site.accounting_lines() == []
+    pbs.assert_clean()
+
+
+def test_a_broken_config_offlines_the_node_and_requeues_the_job(pbs: PbsSite,
+                                                               syslog: Syslog) -> None:
+    os.chmod(pbs.site.config, 0o666)
+    res = OpenPbs([pbs.host], pbs.tmpdir).run(job(pbs, 4, "echo ran", pbs.site.image))
+    assert res.action == "requeued"  # back in the queue, run once: not lost, no storm
+    assert pbs.host.offline == "pbs-chroot: execjob_begin of job 4.vm failed, see syslog"
+    assert any("writable by" in line or "config" in line for line in syslog.lines())
+
+
+def test_a_site_fault_at_launch_requeues_and_offlines(pbs: PbsSite) -> None:
+    """The job's record gone between begin and launch (a node fault): the launch hook does
+    not start it outside its image; it offlines the node and the job is requeued."""
+    j = job(pbs, 5, "echo ran", pbs.site.image)
+    emu = OpenPbs([pbs.host], pbs.tmpdir)
+    begin = pbs.host.hook("execjob_begin", {"job": mom_job(j, pbs.host, "execjob_begin")})
+    assert begin["accepted"], begin
+    os.rename(pbs.site.state / "jobs" / "5.vm.json", pbs.site.base / "hidden.json")
+    try:
+        status = emu._run_job(j, pbs.host, JobResult("ran", None), 30)
+    finally:
+        os.rename(pbs.site.base / "hidden.json", pbs.site.state / "jobs" / "5.vm.json")
+        for event in ("execjob_epilogue", "execjob_end"):
+            pbs.host.hook(event, {"job": mom_job(j, pbs.host, event)})
+    assert status == -16  # JOB_EXEC_FAILHOOK_RERUN: requeued
+    assert pbs.host.offline == "pbs-chroot: execjob_launch of job 5.vm failed, see syslog"
+    pbs.assert_clean()
+
+
+def test_two_hosts_tm_tasks_run_in_the_image_in_each_hosts_job_cgroup(
+        pbs: PbsSite, syslog: Syslog, tmp_path: Path, image_root: Path,
+        user_python: tuple) -> None:  # noqa: F811
+    """A job on vm and vm2: execjob_begin on both, a TM task on each (start_process: the
+    launch hook puts the shim first there too), accounting on both, nothing left."""
+    from pbs_chroot import cgroups
+    base2 = tmp_path / "vm2"
+    base2.mkdir(mode=0o755)
+    site2 = Site(base2, image_root)
+    parent2 = f"{CG_PARENT}/node-vm2"
+    layout = cgroups.detect()
+    tops = [Path(t) for t in sorted(set(layout.v1.values()) if layout.version == 1
+                                    else [str(layout.v2)])]
+    for top in tops:
+        (top / parent2).mkdir(parents=True, exist_ok=True)
+    try:
+        # The path users write is the same on every host; in vm2's mount namespace it names
+        # vm2's own copy of the image.
+        site2.image = pbs.site.image
+        vm2 = PbsSite("vm2", site2, user_python, syslog.path, cg_parent=parent2,
+                      binds=((base2 / "chroot", pbs.site.base / "chroot"),))
+        task = ["/bin/sh", "-c", "head -n 1 /etc/os-release; grep NoNewPrivs /proc/self/status;"
+                " grep -c {parent}/{job} /proc/self/cgroup; echo task=$PBS_TASKNUM"]
+        j = job(pbs, 6, "echo top", pbs.site.image)
+        j.hosts = ["vm", "vm2"]
+        j.tasks = [("vm", [a.format(parent=pbs.cg_parent, job="6.vm") for a in task]),
+                   ("vm2", [a.format(parent=parent2, job="6.vm") for a in task])]
+        res = OpenPbs([pbs.host, vm2.host], pbs.tmpdir).run(j)
+        assert (res.action, res.exit_status) == ("ran", 0), (res.stderr, res.hooks)
+        assert [(h, code) for h, code, _ in res.tasks] == [("vm", 0), ("vm2", 0)], res.tasks
+        for _, _, out in res.tasks:
+            lines = out.splitlines()
+            assert "pbs_chroot demo image" in lines[0], out
+            assert lines[1] == "NoNewPrivs:\t1" and int(lines[2]) >= 1
+        [ms] = pbs.site.accounting_lines()
+        [sister] = site2.accounting_lines()
+        assert ms["nodes"] == ["vm", "vm2"] and ms["node"] == "vm"
+        assert sister["sister"] is True and sister["node"] == "vm2"
+        pbs.assert_clean()
+        vm2.assert_clean()
+        assert not any(str(site2.version) in m for m in vm2.host.mount_points())
+    finally:
+        if "vm2" in locals():
+            vm2.host.close()
+        for top in tops:
+            d = top / parent2
+            if d.is_dir() and not any(p.is_dir() for p in d.iterdir()):
+                d.rmdir()
+    assert cgroup_children() == []
+
+
+def test_the_periodic_hook_finishes_a_job_the_node_lost(pbs: PbsSite) -> None:
+    """A job whose execjob_end never came (pbs_mom died): exechost_periodic's reconciler
+    kills, accounts and undoes it once the job is no longer in mom_priv/jobs."""
+    j = job(pbs, 7, "", pbs.site.image)
+    out = pbs.host.hook("execjob_begin", {"job": mom_job(j, pbs.host, "execjob_begin")})
+    assert out["accepted"], out
+    assert os.listdir(pbs.site.state / "jobs") == ["7.vm.json"]
+    out = pbs.host.periodic()
+    assert out["accepted"] and not out["error"], out
+    [a] = pbs.site.accounting_lines()
+    assert a["job_id"] == "7.vm" and a.get("recovered") is True
+    pbs.assert_clean()
