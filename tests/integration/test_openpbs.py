@@ -103,7 +103,7 @@ def test_install_prints_the_qmgr_commands_and_writes_root_files(pbs: PbsSite) ->
 
 
 def test_job_in_the_image_runs_as_the_user_with_no_new_privs(pbs: PbsSite,
-                                                           syslog: Syslog) -> None:
+                                                             syslog: Syslog) -> None:
     """The acceptance run: qsub -l image=... -l select=1:ncpus=1:mem=100mb."""
     assert qsub(pbs.site.base, pbs.host.hook_file, USER, {"image": str(pbs.site.image)}) \
         == (0, "")
@@ -177,7 +177,7 @@ def test_a_users_fault_on_the_node_deletes_the_job_with_the_reason(pbs: PbsSite)
 
 
 def test_a_broken_config_offlines_the_node_and_requeues_the_job(pbs: PbsSite,
-                                                               syslog: Syslog) -> None:
+                                                                syslog: Syslog) -> None:
     os.chmod(pbs.site.config, 0o666)
     res = OpenPbs([pbs.host], pbs.tmpdir).run(job(pbs, 4, "echo ran", pbs.site.image))
     assert res.action == "requeued"  # back in the queue, run once: not lost, no storm
