@@ -14,6 +14,7 @@ user after the hook and execs ``e.progname``.
     queuejob, modifyjob   the gate, at qsub/qalter: e.reject() prints the line
     execjob_begin         the gate again (never trust the server), stage, cgroup
     execjob_launch        the hook's parent into the cgroup; the shim put first
+    execjob_attach        pbs_attach's process into the cgroup (not the image: it runs)
     execjob_epilogue/end  kill what is left, accounting, leave the stage
     exechost_startup/periodic   the reconciler
 
@@ -32,8 +33,8 @@ if TYPE_CHECKING:
 
 __all__ = ["EVENTS", "hook", "local_resources", "launch_argv"]
 
-EVENTS = ("queuejob", "modifyjob", "execjob_begin", "execjob_launch", "execjob_epilogue",
-          "execjob_end", "exechost_startup", "exechost_periodic")
+EVENTS = ("queuejob", "modifyjob", "execjob_begin", "execjob_launch", "execjob_attach",
+          "execjob_epilogue", "execjob_end", "exechost_startup", "exechost_periodic")
 _SERVER_EVENTS = ("queuejob", "modifyjob")
 _PREFIX = "pbs-chroot: "
 
@@ -126,7 +127,7 @@ def _on_node(pbs: Any, e: Any, name: str, config_path: str, shim: str) -> str:
         logger.warning("job %s refused: %s", job_id, err.detail)
         if job is not None and name in ("execjob_begin", "execjob_launch"):
             return _user_fault(pbs, e, job, _PREFIX + err.user_msg)
-        return ""
+        return _PREFIX + err.user_msg if name == "execjob_attach" else ""
     except PbsChrootError as err:
         logger.error("job %s: %s failed: %s", job_id or "-", name, err.detail)
     except Exception as err:  # a bug: still a site fault, never a silent pass
@@ -237,6 +238,29 @@ def _launch(pbs: Any, e: Any, cfg: Config, shim: str) -> None:
             e.argv.append(arg)
 
 
+def _attach(pbs: Any, e: Any, cfg: Config, shim: str) -> None:
+    """pbs_attach: a running process of the job's owner joins the job. Into the job's
+    cgroup (limits, accounting, the final kill); it stays where it runs (no image)."""
+    import pwd
+
+    from . import lifecycle
+    from .errors import SiteError
+    from .state import check_job_id
+    job = e.job
+    job_id = check_job_id(_text(job.id))
+    pid = int(e.pid)
+    try:
+        owner = pwd.getpwnam(_text(job.euser)).pw_uid
+        with open(f"/proc/{pid}/status") as f:
+            uids = next(line for line in f if line.startswith("Uid:")).split()[1:]
+    except (KeyError, OSError, StopIteration) as err:
+        raise SiteError(f"job {job_id}: can't check process {pid} to attach: {err!r}") from None
+    if any(int(u) != owner for u in uids):
+        from .errors import UserError
+        raise UserError(f"process {pid} is not the job owner's: not attached")
+    lifecycle.attach(cfg, job_id, pid)
+
+
 def _job_process() -> int:
     """The hook's parent: pbs_mom's child that becomes the job or the TM task. Never pbs_mom
     itself (whose parent is init), which must not land in a job's cgroup."""
@@ -304,7 +328,8 @@ def _reconcile(pbs: Any, e: Any, cfg: Config, shim: str) -> None:
 
 
 _HANDLERS: dict[str, Callable[[Any, Any, Config, str], None]] = {
-    "execjob_begin": _begin, "execjob_launch": _launch, "execjob_epilogue": _end,
+    "execjob_begin": _begin, "execjob_launch": _launch, "execjob_attach": _attach,
+    "execjob_epilogue": _end,
     "execjob_end": _end, "exechost_startup": _reconcile, "exechost_periodic": _reconcile,
 }
 

@@ -29,7 +29,7 @@ _MARKER = "from pbs_chroot.openpbs import hook"
 HOOKS = {
     "pbs_chroot_submit": ("queuejob,modifyjob", 1, "none"),
     "pbs_chroot_begin": ("execjob_begin,exechost_startup", 200, "offline_vnodes"),
-    "pbs_chroot_launch": ("execjob_launch,exechost_periodic", 200, "none"),
+    "pbs_chroot_launch": ("execjob_launch,execjob_attach,exechost_periodic", 200, "none"),
     "pbs_chroot_end": ("execjob_epilogue,execjob_end", 50, "none"),
 }
 ALARM = 120  # seconds: a cold stage and a slow NSS fit; (OpenPBS's default: 30)

@@ -21,8 +21,9 @@ import types
 # src/include/hook.h: HOOK_EVENT_* (queuejob 1, begin 64, launch 2048 ... as captured).
 EVENTS = {"queuejob": 0x01, "modifyjob": 0x02, "execjob_begin": 0x40,
           "execjob_prologue": 0x80, "execjob_epilogue": 0x100, "execjob_end": 0x200,
-          "execjob_launch": 0x800, "exechost_periodic": 0x1000, "exechost_startup": 0x2000}
-MOM_EVENTS = 0x40 | 0x80 | 0x100 | 0x200 | 0x800 | 0x1000 | 0x2000
+          "execjob_launch": 0x800, "exechost_periodic": 0x1000, "exechost_startup": 0x2000,
+          "execjob_attach": 0x4000}
+MOM_EVENTS = 0x40 | 0x80 | 0x100 | 0x200 | 0x800 | 0x1000 | 0x2000 | 0x4000
 ND_OFFLINE = 2
 OUT: dict = {"accepted": True, "reject_msg": "", "log": [], "job": {}, "vnodes": {},
              "error": ""}
@@ -91,6 +92,8 @@ class _Event:
             self.job_o = _Job(spec["job_o"], self.type)
         if self.type & MOM_EVENTS:
             self.vnode_list = {spec["local_nodename"]: _Vnode(spec["local_nodename"])}
+        if spec["event"] == "execjob_attach":
+            self.pid = spec["pid"]
         if spec["event"] == "execjob_launch":
             self.progname = spec["progname"]
             self.argv = list(spec["argv"])
@@ -125,6 +128,7 @@ def main(argv: list) -> int:
         spec = json.load(f)
     event = _Event(spec)
     sys.modules["pbs"] = _module(spec, event)
+    before = set(sys.modules)
     try:
         with open(hook) as f:
             code = compile(f.read(), hook, "exec")
@@ -133,6 +137,7 @@ def main(argv: list) -> int:
         pass
     except BaseException:
         OUT["error"] = traceback.format_exc()
+    OUT["modules"] = sorted(set(sys.modules) - before)  # what the hook loaded (tests only)
     if spec["event"] == "execjob_launch":
         OUT["progname"] = str(event.progname)
         OUT["argv"] = [str(a) for a in event.argv]

@@ -13,7 +13,7 @@ from typing import Iterator
 import pytest
 
 from pbs_chroot import openpbsinstall
-from tests.conftest import (CG_PARENT, UID, USER, Site, Syslog, cgroup_children,
+from tests.conftest import (CG_PARENT, OTHER_UID, UID, USER, Site, Syslog, cgroup_children,
                             mount_points, open_to_users)
 from tests.integration.test_userns import user_python  # noqa: F401
 from tests.integration.test_userns_entry import v2_delegated  # noqa: F401
@@ -267,3 +267,83 @@ def test_the_periodic_hook_finishes_a_job_the_node_lost(pbs: PbsSite) -> None:
     [a] = pbs.site.accounting_lines()
     assert a["job_id"] == "7.vm" and a.get("recovered") is True
     pbs.assert_clean()
+
+
+def test_pbs_attach_moves_only_the_owners_process_into_the_job_cgroup(pbs: PbsSite) -> None:
+    """execjob_attach: pbs_attach's process joins the job's cgroup (its limits, accounting and
+    final kill); another user's process is refused."""
+    import subprocess
+    j = job(pbs, 8, "", pbs.site.image)
+    assert pbs.host.hook("execjob_begin", {"job": mom_job(j, pbs.host, "execjob_begin")}
+                         )["accepted"]
+    mine = subprocess.Popen(["sleep", "60"], user=UID, group=UID)
+    other = subprocess.Popen(["sleep", "60"], user=OTHER_UID, group=OTHER_UID)
+    try:
+        ok = pbs.host.hook("execjob_attach", {"job": mom_job(j, pbs.host, "execjob_attach"),
+                                              "pid": mine.pid})
+        no = pbs.host.hook("execjob_attach", {"job": mom_job(j, pbs.host, "execjob_attach"),
+                                              "pid": other.pid})
+        assert ok["accepted"] and not ok["error"], ok
+        assert f"/{CG_PARENT}/8.vm" in Path(f"/proc/{mine.pid}/cgroup").read_text()
+        assert not no["accepted"] and "is not the job owner's" in no["reject_msg"]
+        assert f"/{CG_PARENT}/8.vm" not in Path(f"/proc/{other.pid}/cgroup").read_text()
+        assert not no["job"].get("_delete")  # the job itself goes on
+        other.kill()
+        other.wait()
+        out = pbs.host.hook("execjob_end", {"job": mom_job(j, pbs.host, "execjob_end")})
+        assert out["accepted"], out
+        assert mine.wait(10) == -9  # killed with the job
+    finally:
+        for p in (mine, other):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    pbs.assert_clean()
+
+
+def test_the_hooks_load_no_heavy_module(pbs: PbsSite) -> None:
+    from tests.conftest import SUMMARY
+    from tests.unit.test_hook_path import FORBIDDEN
+    res = OpenPbs([pbs.host], pbs.tmpdir).run(job(pbs, 9, "true", pbs.site.image))
+    assert res.action == "ran", res.stderr
+    loaded = {event: set(out["modules"]) for _, event, out in res.hooks}
+    for event, modules in loaded.items():
+        # ctypes (_sys: mount, unshare) only where a stage is set up or torn down.
+        allowed = {"ctypes"} if event in ("execjob_begin", "execjob_epilogue", "execjob_end") \
+            else set()
+        assert not modules & FORBIDDEN - allowed, (event, sorted(modules & FORBIDDEN))
+    assert "pbs_chroot.jobinfo" not in set().union(*loaded.values())  # no server query
+    SUMMARY["OpenPBS hooks' imports"] = ", ".join(
+        f"{e} {len([m for m in ms if m.startswith('pbs_chroot')])} of ours"
+        for e, ms in loaded.items())
+    pbs.assert_clean()
+
+
+def test_the_emulator_gives_what_the_captures_show() -> None:
+    """The attribute names and the launch environment the emulated mom gives a hook are the
+    real mom's (fixtures/openpbs: execjob_*-4.pbsvm.json, OpenPBS 23.06.06)."""
+    import json
+    from tests.conftest import FIXTURES
+    from tests.openpbsemu import job_env
+    captures = FIXTURES.parent / "openpbs" / "capture"
+    if not captures.is_dir():
+        pytest.skip(f"OpenPBS captures missing: {captures}")
+    j = PbsJob("4.pbsvm", USER, "", ["pbsvm"], {"mem": "100mb", "ncpus": "1"},
+               mem="102400kb")
+    for event in ("execjob_begin", "execjob_launch", "execjob_end"):
+        real = json.loads((captures / f"{event}-4.pbsvm.json").read_text())
+        attrs = real["job"]["all_attrs"]
+        host = type("H", (), {"name": "pbsvm", "pbs_home": Path("/var/spool/pbs")})()
+        ours = mom_job(j, host, event)  # type: ignore[arg-type]
+        known = set(attrs) | {"id", "queue", "euser", "egroup", "exec_host"}  # (None there)
+        assert set(ours) - {"Resource_List", "Variable_List"} <= known
+        for key in ("exec_vnode", "Exit_status"):
+            assert ours.get(key) == attrs.get(key, {}).get("str"), (event, key)
+        assert ours["exec_host"] is None and real["job"]["Resource_List_str"] == \
+            "mem=100mb,ncpus=1,place=free"
+    real_env = json.loads((captures / "execjob_launch-4.pbsvm.json").read_text())["launch"]
+    assert real_env["argv"] == [] and real_env["progname"] == "/bin/bash"
+    ours_env = job_env(j, type("H", (), {"pbs_home": Path("/var/spool/pbs")})(),  # type: ignore
+                       Path("/var/tmp"))
+    assert set(ours_env) <= set(real_env["env"])
+    assert {k for k in real_env["env"] if not k.startswith("PBS_O_")} - set(ours_env) == set()
