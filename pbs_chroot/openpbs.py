@@ -317,7 +317,13 @@ def _job_nodes(pbs: Any, job: Any) -> dict[str, object]:
 def _reconcile(pbs: Any, e: Any, cfg: Config, shim: str) -> None:
     from . import reconcile
     from .log import get_logger
-    out = reconcile.cleanup(cfg)
+    # exechost_periodic runs beside execjob_begin: a job the mom holds (job_list) is on
+    # the node even before its files are in mom_priv/jobs.
+    try:
+        running = [str(j) for j in (getattr(e, "job_list", None) or {})]
+    except Exception:
+        running = []
+    out = reconcile.cleanup(cfg, running=running)
     if out.finished or out.members or out.cgroups:
         get_logger("pbs_chroot.openpbs").warning(
             "reconciler: finished %s; stale memberships %s; cgroups removed %s",

@@ -12,7 +12,7 @@ runner's process lives.
 """
 import logging
 import os
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 from . import cgroups, lifecycle, stage
 from .config import Config
@@ -52,10 +52,14 @@ def _mom_files(cfg: Config) -> list[str]:
         return []
 
 
-def cleanup(cfg: Config, dry_run: bool = False) -> Outcome:
-    """One pass over records, stage memberships and our cgroups."""
+def cleanup(cfg: Config, dry_run: bool = False, running: Sequence[str] = ()) -> Outcome:
+    """One pass over records, stage memberships and our cgroups.
+
+    ``running``: job ids the batch system says are on this node besides those with a
+    file in mom_priv/jobs (OpenPBS's exechost_periodic job_list).
+    """
     out = Outcome([], [], [], [])
-    files = _mom_files(cfg)
+    files = _mom_files(cfg) + [f"{job_id}.running" for job_id in running]
     for job_id in list_records(cfg.state_dir):
         if is_running(cfg, job_id, files):
             continue

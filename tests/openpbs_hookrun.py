@@ -92,6 +92,8 @@ class _Event:
             self.job_o = _Job(spec["job_o"], self.type)
         if self.type & MOM_EVENTS:
             self.vnode_list = {spec["local_nodename"]: _Vnode(spec["local_nodename"])}
+        if spec["event"] == "exechost_periodic":
+            self.job_list = {j: None for j in spec.get("job_list", [])}
         if spec["event"] == "execjob_attach":
             self.pid = spec["pid"]
         if spec["event"] == "execjob_launch":

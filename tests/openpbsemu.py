@@ -111,8 +111,9 @@ class Host:
                 self.offline = changes.get("comment") or "offline"
         return out
 
-    def periodic(self, event: str = "exechost_periodic") -> dict:
-        return self.hook(event, {})
+    def periodic(self, event: str = "exechost_periodic", job_list: tuple = ()) -> dict:
+        """exechost_periodic (job_list: the jobs this mom holds) or exechost_startup."""
+        return self.hook(event, {"job_list": list(job_list)})
 
     def start_task(self, spec: dict, user: str, out: str) -> int:
         """start_process: fork the task (a child of this "pbs_mom"); its pid."""

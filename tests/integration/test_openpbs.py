@@ -262,6 +262,11 @@ def test_the_periodic_hook_finishes_a_job_the_node_lost(pbs: PbsSite) -> None:
     out = pbs.host.hook("execjob_begin", {"job": mom_job(j, pbs.host, "execjob_begin")})
     assert out["accepted"], out
     assert os.listdir(pbs.site.state / "jobs") == ["7.vm.json"]
+    # Still held by the mom (job_list), though no file of it is in mom_priv/jobs: left alone.
+    out = pbs.host.periodic(job_list=("7.vm",))
+    assert out["accepted"] and not out["error"], out
+    assert os.listdir(pbs.site.state / "jobs") == ["7.vm.json"]
+    assert pbs.site.accounting_lines() == []
     out = pbs.host.periodic()
     assert out["accepted"] and not out["error"], out
     [a] = pbs.site.accounting_lines()
