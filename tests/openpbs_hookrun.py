@@ -131,6 +131,8 @@ def main(argv: list) -> int:
     event = _Event(spec)
     sys.modules["pbs"] = _module(spec, event)
     before = set(sys.modules)
+    import time
+    start = time.perf_counter()
     try:
         with open(hook) as f:
             code = compile(f.read(), hook, "exec")
@@ -139,6 +141,7 @@ def main(argv: list) -> int:
         pass
     except BaseException:
         OUT["error"] = traceback.format_exc()
+    OUT["seconds"] = time.perf_counter() - start  # the hook text's own time (tests only)
     OUT["modules"] = sorted(set(sys.modules) - before)  # what the hook loaded (tests only)
     if spec["event"] == "execjob_launch":
         OUT["progname"] = str(event.progname)
