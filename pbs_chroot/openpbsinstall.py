@@ -32,7 +32,8 @@ HOOKS = {
     "pbs_chroot_launch": ("execjob_launch,execjob_attach,exechost_periodic", 200, "none"),
     "pbs_chroot_end": ("execjob_epilogue,execjob_end", 50, "none"),
 }
-ALARM = 120  # seconds: a cold stage and a slow NSS fit; (OpenPBS's default: 30)
+ALARM = 120  # seconds: a cold stage and a slow NSS fit (OpenPBS's default: 30)
+SERVER_ALARM = 10  # queuejob/modifyjob hold up the server: a text check and a config read
 FREQ = 300   # exechost_periodic: the reconciler every five minutes
 
 _HOOK = '''"""pbs_chroot's OpenPBS hook (imported as pbs_chroot_submit, _begin, _launch, _end).
@@ -100,7 +101,7 @@ def qmgr_commands(hook_file: str, resource: str) -> list[str]:
         cmds += [f"create hook {name}",
                  f"set hook {name} event = \"{events}\"",
                  f"set hook {name} order = {order}",
-                 f"set hook {name} alarm = {ALARM}",
+                 f"set hook {name} alarm = {SERVER_ALARM if "queuejob" in events else ALARM}",
                  f"set hook {name} fail_action = {fail_action}"]
         if "exechost_periodic" in events:
             cmds.append(f"set hook {name} freq = {FREQ}")
