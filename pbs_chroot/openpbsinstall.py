@@ -98,10 +98,11 @@ def qmgr_commands(hook_file: str, resource: str) -> list[str]:
     not send a custom resource to the moms (PP-848), and execjob_begin would see none."""
     cmds = [f"create resource {resource} type=string,flag=m"]
     for name, (events, order, fail_action) in HOOKS.items():
+        alarm = SERVER_ALARM if "queuejob" in events else ALARM
         cmds += [f"create hook {name}",
                  f"set hook {name} event = \"{events}\"",
                  f"set hook {name} order = {order}",
-                 f"set hook {name} alarm = {SERVER_ALARM if "queuejob" in events else ALARM}",
+                 f"set hook {name} alarm = {alarm}",
                  f"set hook {name} fail_action = {fail_action}"]
         if "exechost_periodic" in events:
             cmds.append(f"set hook {name} freq = {FREQ}")
