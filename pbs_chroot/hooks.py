@@ -156,7 +156,8 @@ def _future_job_process(argv0: str) -> Optional[int]:
 
 
 def _task_spawner(argv0: str, job_process: Optional[int]) -> Optional[int]:
-    """pbs_mom's pid, if this node may run TM tasks of a job on several nodes; else None.
+    """pbs_mom's pid, if this node may run TM tasks of the job (a job on several nodes, or
+    on several cores of one: pbsdsh and mpiexec spawn there too); else None.
 
     A sister runs prologue.parallel from the pbs_mom daemon itself
     (im_join_job_as_sister -> run_prologue_scripts); on the mother superior
@@ -167,11 +168,15 @@ def _task_spawner(argv0: str, job_process: Optional[int]) -> Optional[int]:
     if argv0.endswith(".parallel"):
         ppid = os.getppid()
         return ppid if ppid != 1 else None
-    nodes = os.environ.get("PBS_NUM_NODES", "")
-    if job_process is None or not (nodes.isascii() and nodes.isdigit() and int(nodes) > 1):
-        return None
+    if job_process is None or not (_count_env("PBS_NUM_NODES") > 1 or _count_env("PBS_NP") > 1):
+        return None  # one core on one node: no TM task to adopt but the job's own
     mom = _parent_of(job_process)
     return mom if mom not in (None, 1) else None
+
+
+def _count_env(name: str) -> int:
+    value = os.environ.get(name, "")
+    return int(value) if value.isascii() and value.isdigit() and len(value) < 7 else 0
 
 
 def _parent_of(pid: int) -> Optional[int]:

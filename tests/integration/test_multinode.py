@@ -119,14 +119,16 @@ class Cluster:
         self.jobs: list = []
         self.seq = 500
 
-    def job(self, variables: Optional[list] = None, script: str = JOB_SCRIPT) -> MultiNodeJob:
+    def job(self, variables: Optional[list] = None, script: str = JOB_SCRIPT,
+            ppn: int = 1) -> MultiNodeJob:
         self.seq += 1
         hosts = ":".join([self.ms.emu.server] + [s.name for s in self.sisters])
         n = len(self.sisters) + 1
         job = EmuJob(f"{self.seq}.vm", USER, script,
                      (self.ms.rootdir() if variables is None else variables)
                      + [("BEOWULF_JOB_MAP", hosts)],
-                     resource_list=f"nodes={n}:ppn=1,walltime=00:10:00,neednodes={n}:ppn=1")
+                     resource_list=f"nodes={n}:ppn={ppn},walltime=00:10:00,"
+                     f"neednodes={n}:ppn={ppn}")
         mjob = MultiNodeJob(self.ms.emu, [s.mom for s in self.sisters], job, self.ms.site.base)
         self.jobs.append(mjob)
         return mjob
@@ -240,6 +242,31 @@ def test_pbsdsh_runs_in_the_image_and_the_job_cgroup_on_both_nodes(cluster: Clus
     assert cluster.ms.offline_calls() == [] and sis.offline_calls() == []
     SUMMARY["two-node job, pbsdsh on both nodes"] = \
         f"3 rounds in the image; {6 - late} of 6 tasks in the job cgroup ({late} placed late)"
+
+
+def test_tm_tasks_of_a_job_on_several_cores_of_one_node_are_contained(
+        site: Site, syslog: Syslog, image_root: Path) -> None:
+    """nodes=1:ppn=2: pbsdsh's tasks are pbs_mom's children here too, outside the job's
+    process tree; the adopter runs for them (PBS_NP > 1) and puts them in the job cgroup."""
+    c = Cluster(site, syslog, image_root, ())
+    try:
+        before = mount_points()
+        mjob = c.job(ppn=2)
+        assert mjob.start()
+        for _ in range(2):
+            rc, text = mjob.pbsdsh(PROBE_TASK)["vm"]
+            assert rc == 0 and text.splitlines()[0] == "sl5-image", text
+            assert "NoNewPrivs:\t1" in text
+            _contained(c, mjob, "vm", text)
+        res = c.end(mjob)
+        assert res.action == "ran" and res.job_rc == 0 and res.epilogue_rc == 0, res.stderr
+        assert any(f"job {mjob.job.job_id}: adopting the TM tasks" in line
+                   for line in syslog.lines())
+        assert mount_points() == before and job_cgroups() == []
+        assert _adopters_left(c) == []
+        c.ms.assert_clean()
+    finally:
+        c.close()
 
 
 def test_tasks_forking_fast_are_contained(cluster: Cluster) -> None:
