@@ -70,25 +70,30 @@ def _check_request(entries: list[tuple[str, str]], lossy: list[str], cfg: Config
     return _check_value(found[0][1], cfg, user, queue)
 
 
-def check_value(value: str, cfg: Config, user: str, queue: str, name: str = ROOTDIR) -> Image:
+def check_value(value: str, cfg: Config, user: str, queue: Optional[str], name: str = ROOTDIR,
+                nss: bool = True) -> Image:
     """The allowlisted Image equal to ``value`` as text and usable by this user and queue.
 
     ``name``: how the user asked for it, for the message (OpenPBS: ``-l image``).
+    ``queue`` None: not known yet (a routing queue): its rule is left to the node.
+    ``nss`` False: no user or group lookup (inside a batch server): an image limited to
+    groups the user is not listed by name in is left to the node, which looks them up.
     """
     try:
-        return _check_value(value, cfg, user, queue, name)
+        return _check_value(value, cfg, user, queue, name, nss)
     except UserError as e:
-        raise UserError(f"{e.user_msg}; allowed: {_allowed(cfg, user, queue)}") from None
+        raise UserError(f"{e.user_msg}; allowed: {_allowed(cfg, user, queue, nss)}") from None
 
 
-def _check_value(value: str, cfg: Config, user: str, queue: str, name: str = ROOTDIR) -> Image:
+def _check_value(value: str, cfg: Config, user: str, queue: Optional[str],
+                 name: str = ROOTDIR, nss: bool = True) -> Image:
     problem = _shape_problem(value)
     if problem:
         raise UserError(f"can't use image {name}={show(value)}: {problem}")
     image = cfg.image(value)
     if image is None:
         raise UserError(f"can't use image {name}={show(value)}: not an image of this site")
-    reason = may_use(image, user, queue)
+    reason = may_use(image, user, queue, nss)
     if reason:
         raise UserError(f"can't use image {value}: {reason}")
     return image
@@ -106,15 +111,16 @@ def _shape_problem(value: str) -> str:
     return ""
 
 
-def may_use(image: Image, user: str, queue: str) -> str:
-    """Why ``user`` in ``queue`` may not use ``image`` ('' if they may)."""
-    if image.queues and queue not in image.queues:
+def may_use(image: Image, user: str, queue: Optional[str], nss: bool = True) -> str:
+    """Why ``user`` in ``queue`` may not use ``image`` ('' if they may, or if ``queue`` is
+    None or ``nss`` False and only the unknown part could say no: see check_value)."""
+    if image.queues and queue is not None and queue not in image.queues:
         return f"not allowed in queue {show(queue)}"
     if not image.users and not image.groups:
         return ""
     if user in image.users:
         return ""
-    if image.groups and image.groups & _group_names(user):
+    if image.groups and (not nss or image.groups & _group_names(user)):
         return ""
     return f"not allowed for user {show(user)}"
 
@@ -136,13 +142,13 @@ def _group_names(user: str) -> set[str]:
     return names
 
 
-def _allowed(cfg: Config, user: str, queue: str) -> str:
-    usable = [i.path for i in cfg.images if not _safe_may_use(i, user, queue)]
+def _allowed(cfg: Config, user: str, queue: Optional[str], nss: bool = True) -> str:
+    usable = [i.path for i in cfg.images if not _safe_may_use(i, user, queue, nss)]
     return ", ".join(usable) if usable else "none for this job"
 
 
-def _safe_may_use(image: Image, user: str, queue: str) -> str:
+def _safe_may_use(image: Image, user: str, queue: Optional[str], nss: bool = True) -> str:
     try:
-        return may_use(image, user, queue)
+        return may_use(image, user, queue, nss)
     except SiteError as e:
         return e.detail

@@ -84,9 +84,11 @@ def _at_submission(pbs: Any, e: Any, name: str, config_path: str) -> str:
             return ""
         user = (_text(owner_job.euser) if name == "modifyjob"
                 else _text(e.requestor)).partition("@")[0]
-        queue = _text(owner_job.queue) or _default_queue(pbs)
+        queue = _queue_at_server(pbs, _text(owner_job.queue) or _default_queue(pbs))
         from . import gate
-        gate.check_value(value, cfg, user, queue, f"-l {cfg.image_resource}")
+        # No NSS lookup in the server's thread (a slow LDAP would hold every qsub): images
+        # limited to groups are left to execjob_begin, which looks the user up.
+        gate.check_value(value, cfg, user, queue, f"-l {cfg.image_resource}", nss=False)
         return ""
     except UserError as err:
         logger.warning("%s refused for user %s: %s", name, _text(e.requestor), err.detail)
@@ -107,6 +109,18 @@ def _default_queue(pbs: Any) -> str:
         return ""
 
 
+def _queue_at_server(pbs: Any, name: str) -> Optional[str]:
+    """The queue the job will run from, if known at submission: not for a routing queue (the
+    execution queue is chosen later; execjob_begin checks it), nor when unsure."""
+    if not name:
+        return None
+    try:
+        kind = _text(pbs.server().queue(name).queue_type)
+    except Exception:
+        return None
+    return name if kind.lower().startswith("e") else None
+
+
 # -- on the execution host --------------------------------------------------------------
 
 def _on_node(pbs: Any, e: Any, name: str, config_path: str, shim: str) -> str:
@@ -116,6 +130,7 @@ def _on_node(pbs: Any, e: Any, name: str, config_path: str, shim: str) -> str:
     from .log import get_logger
     logger = get_logger("pbs_chroot.openpbs")
     job = getattr(e, "job", None) if name.startswith("execjob_") else None
+    offline_ok = name != "execjob_attach"  # pbs_attach is the user's request: never offline
     job_id = _text(job.id) if job is not None else ""
     cfg: Optional[Config] = None
     try:
@@ -133,6 +148,8 @@ def _on_node(pbs: Any, e: Any, name: str, config_path: str, shim: str) -> str:
     except Exception as err:  # a bug: still a site fault, never a silent pass
         logger.exception("job %s: %s failed with an internal error: %r", job_id or "-",
                          name, err)
+    if not offline_ok:  # pbs_attach: refused, the node stays
+        return _PREFIX + "can't attach the process (the admin is told)"
     return _site_fault(pbs, e, job, cfg, name, job_id)
 
 
@@ -199,11 +216,12 @@ def _begin(pbs: Any, e: Any, cfg: Config, shim: str) -> None:
     image = None
     if value is not None:
         image = gate.check_value(value, cfg, user, queue, f"-l {cfg.image_resource}").path
-        if not (cfg.cgroups and cfg.entry_dir):
-            raise SiteError("jobs in an image need cgroups = yes and entry_dir set on OpenPBS "
-                            "(the shim finds its job by its cgroup, its stage in entry_dir)")
+        problem = node_problem(cfg, shim)
+        if problem:
+            raise SiteError(f"can't run jobs in an image here: {problem}")
     if image is None and not cfg.cgroups:
         return
+    _check_cgroup_owner(cfg, job_id)
     ensure_layout(cfg.state_dir)
     res = local_resources(_text(job.exec_vnode), _local_node(pbs),
                           _text(job.Resource_List))
@@ -216,13 +234,64 @@ def _begin(pbs: Any, e: Any, cfg: Config, shim: str) -> None:
             image, version)
 
 
+OPENPBS_CGROUP_PARENT = "pbs_jobs.service/jobid"  # pbs_cgroups.PY's, on cgroup v1
+LAUNCH_HOOK = "pbs_chroot_launch"  # openpbsinstall.HOOKS
+
+
+def node_problem(cfg: Config, shim: str) -> str:
+    """Why this host can't start a job in an image ('' if nothing says so): checked as root
+    at execjob_begin and exechost_startup, so that a job is not staged for a shim that would
+    fail as the user (a site fault, the node offline), nor started with no launch hook."""
+    from .usernscheck import userns_problem
+    if not (cfg.cgroups and cfg.entry_dir):
+        return ("jobs in an image need cgroups = yes and entry_dir set on OpenPBS (the shim "
+                "finds its job by its cgroup, its stage in entry_dir)")
+    problem = userns_problem()
+    if problem:
+        return problem.replace("can't run unprivileged: ", "")
+    for path in (shim, _interpreter(shim)):
+        try:
+            st = os.stat(path)
+        except OSError as err:
+            return f"{path}: {err.strerror}"
+        if st.st_mode & 0o005 != 0o005:
+            return f"{path} is not readable and executable by the job users"
+    hook = os.path.join(cfg.pbs_home, "mom_priv", "hooks", f"{LAUNCH_HOOK}.PY")
+    if not os.path.isfile(hook):
+        return (f"no {LAUNCH_HOOK} hook on this node ({hook} is missing): the job would run "
+                "outside its image")
+    return ""
+
+
+def _interpreter(script: str) -> str:
+    """The interpreter of a #! script ('' if it has none)."""
+    try:
+        with open(script, "rb") as f:
+            head = f.readline(256)
+    except OSError:
+        return script
+    return head[2:].split()[0].decode("utf-8", "replace") if head.startswith(b"#!") else script
+
+
+def _check_cgroup_owner(cfg: Config, job_id: str) -> None:
+    """OpenPBS's cgroups hook made this job's cgroup, but the config does not name its parent:
+    ours would take the job out of its cpuset and limits (a site fault, said so)."""
+    if cfg.torque_cgroup_parent == OPENPBS_CGROUP_PARENT or not cfg.cgroups:
+        return
+    from . import cgroups
+    from .errors import SiteError
+    if cgroups.job_cgroup(cgroups.detect(), OPENPBS_CGROUP_PARENT, job_id).exists():
+        raise SiteError(f"OpenPBS's cgroups hook manages job {job_id}: set "
+                        f"torque_cgroup_parent = {OPENPBS_CGROUP_PARENT} in the config")
+
+
 def _launch(pbs: Any, e: Any, cfg: Config, shim: str) -> None:
     from . import lifecycle
     from .errors import SiteError
     from .state import check_job_id
     job = e.job
     job_id = check_job_id(_text(job.id))
-    pid = _job_process()
+    pid = _job_process(cfg)
     record = lifecycle.attach(cfg, job_id, pid)
     if record is None:
         if resource_value(job, cfg.image_resource) is not None or cfg.cgroups:
@@ -246,34 +315,74 @@ def _attach(pbs: Any, e: Any, cfg: Config, shim: str) -> None:
     from . import lifecycle
     from .errors import SiteError
     from .state import check_job_id
+    from .errors import PbsChrootError, UserError
     job = e.job
     job_id = check_job_id(_text(job.id))
-    pid = int(e.pid)
+    pid = int(e.pid)  # the user's choice (pbs_attach -p): checked, pinned, checked again
     try:
         owner = pwd.getpwnam(_text(job.euser)).pw_uid
+    except KeyError:
+        raise SiteError(f"job {job_id}: its owner is not known on this node") from None
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        raise UserError(f"process {pid} does not exist: not attached") from None
+    try:
+        if _uids(pid) != {owner} or _ended(pidfd):
+            raise UserError(f"process {pid} is not the job owner's: not attached")
+        try:
+            lifecycle.attach(cfg, job_id, pid)
+        except PbsChrootError:
+            if _ended(pidfd):
+                raise UserError(f"process {pid} ended while being attached") from None
+            raise
+        if _ended(pidfd):  # its pid may now be another process's: say so
+            from .log import get_logger
+            get_logger("pbs_chroot.openpbs").warning(
+                "job %s: process %d ended while being attached", job_id, pid)
+    finally:
+        os.close(pidfd)
+
+
+def _uids(pid: int) -> set[int]:
+    """Real, effective, saved and file-system uids of ``pid`` (empty if it is gone)."""
+    try:
         with open(f"/proc/{pid}/status") as f:
-            uids = next(line for line in f if line.startswith("Uid:")).split()[1:]
-    except (KeyError, OSError, StopIteration) as err:
-        raise SiteError(f"job {job_id}: can't check process {pid} to attach: {err!r}") from None
-    if any(int(u) != owner for u in uids):
-        from .errors import UserError
-        raise UserError(f"process {pid} is not the job owner's: not attached")
-    lifecycle.attach(cfg, job_id, pid)
+            line = next((line for line in f if line.startswith("Uid:")), "")
+    except OSError:
+        return set()
+    return {int(u) for u in line.split()[1:] if u.isdigit()}
 
 
-def _job_process() -> int:
+def _ended(pidfd: int) -> bool:
+    import select
+    return bool(select.select([pidfd], [], [], 0)[0])
+
+
+def _job_process(cfg: Config) -> int:
     """The hook's parent: pbs_mom's child that becomes the job or the TM task. Never pbs_mom
-    itself (whose parent is init), which must not land in a job's cgroup."""
+    itself (its pid is in mom_priv/mom.lock), which must not land in a job's cgroup."""
     from .errors import SiteError
     ppid = os.getppid()
-    try:
-        with open(f"/proc/{ppid}/stat") as f:
-            grandparent = int(f.read().rsplit(")", 1)[1].split()[1])
-    except (OSError, ValueError, IndexError) as err:
-        raise SiteError(f"can't read the launch hook's parent {ppid}: {err}") from None
-    if ppid == 1 or grandparent in (0, 1):
-        raise SiteError(f"the launch hook's parent {ppid} is a daemon, not a job's process")
+    mom = _mom_pid(cfg)
+    if mom is None:  # no lock file to go by: pbs_mom is a daemon, a child of init
+        try:
+            with open(f"/proc/{ppid}/stat") as f:
+                mom = ppid if int(f.read().rsplit(")", 1)[1].split()[1]) in (0, 1) else None
+        except (OSError, ValueError, IndexError) as err:
+            raise SiteError(f"can't read the launch hook's parent {ppid}: {err}") from None
+    if ppid in (1, mom):
+        raise SiteError(f"the launch hook's parent {ppid} is pbs_mom, not a job's process")
     return ppid
+
+
+def _mom_pid(cfg: Config) -> Optional[int]:
+    try:
+        with open(os.path.join(cfg.pbs_home, "mom_priv", "mom.lock"), "rb") as f:
+            text = f.read(32).strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
 
 
 def launch_argv(shim: str, config_path: str, progname: str, argv: list[str]) -> list[str]:
@@ -328,9 +437,13 @@ def _reconcile(pbs: Any, e: Any, cfg: Config, shim: str) -> None:
         get_logger("pbs_chroot.openpbs").warning(
             "reconciler: finished %s; stale memberships %s; cgroups removed %s",
             out.finished, out.members, out.cgroups)
+    from .errors import SiteError
     if out.failed:
-        from .errors import SiteError
         raise SiteError(f"reconciler could not clean: {'; '.join(out.failed)[:400]}")
+    if e.type == getattr(pbs, "EXECHOST_STARTUP", None) and cfg.images:
+        problem = node_problem(cfg, shim)  # said at start, before any job is sent here
+        if problem:
+            raise SiteError(f"can't run jobs in an image here: {problem}")
 
 
 _HANDLERS: dict[str, Callable[[Any, Any, Config, str], None]] = {

@@ -36,12 +36,14 @@ ALARM = 120  # seconds: a cold stage and a slow NSS fit (OpenPBS's default: 30)
 SERVER_ALARM = 10  # queuejob/modifyjob hold up the server: a text check and a config read
 FREQ = 300   # exechost_periodic: the reconciler every five minutes
 
-_HOOK = '''"""pbs_chroot's OpenPBS hook (imported as pbs_chroot_submit, _begin, _launch, _end).
+_HOOK = '''"""pbs_chroot's OpenPBS hooks (imported as pbs_chroot_submit, _begin, _launch, _end).
 
 Runs in pbs_python: queuejob/modifyjob inside the server, execjob_*/exechost_*
 as root children of pbs_mom. `pbs-chroot install --openpbs` wrote the paths
 below; the package directory was checked root-only then. All logic lives in
-pbs_chroot.openpbs.
+pbs_chroot.openpbs. If the package can't be imported here, the server lets
+jobs through (the hosts check) and a host fails closed: offline, the job
+requeued, never started unchecked.
 """
 import sys
 
@@ -54,9 +56,26 @@ LIBDIR = "{libdir}"
 if LIBDIR not in sys.path:
     sys.path.append(LIBDIR)
 
-{marker}  # noqa: E402
+try:
+    {marker}
+except Exception as err:  # the package missing or broken on this host
+    hook = None
+    e = pbs.event()
+    pbs.logmsg(pbs.LOG_ERROR, "pbs_chroot: can't import from %s: %r" % (LIBDIR, err))
+    if e.type in (pbs.QUEUEJOB, pbs.MODIFYJOB):
+        e.accept()
+    try:
+        vnode = e.vnode_list[pbs.get_local_nodename()]
+        vnode.state = pbs.ND_OFFLINE
+        vnode.comment = "pbs-chroot: can't import its package here, see the mom log"
+    except Exception:
+        pass
+    if e.type in (pbs.EXECJOB_BEGIN, pbs.EXECJOB_LAUNCH):
+        e.job.rerun()
+        e.reject("pbs-chroot: a fault of this node (the admin is told); the job is requeued")
 
-hook(pbs, CONFIG, SHIM, SYSLOG)
+if hook is not None:
+    hook(pbs, CONFIG, SHIM, SYSLOG)
 '''
 
 _SHIM = '''#!{python} -IS
@@ -93,21 +112,28 @@ def render_shim(python: str, libdir: str) -> str:
     return _SHIM.format(python=python, libdir=libdir)
 
 
+# Enabled last to first: a job is never begun (staged, then run on the host) by a
+# pbs_chroot_begin whose pbs_chroot_launch is not there yet.
+ENABLE_ORDER = ("pbs_chroot_end", "pbs_chroot_launch", "pbs_chroot_submit", "pbs_chroot_begin")
+
+
 def qmgr_commands(hook_file: str, resource: str) -> list[str]:
     """The qmgr -c arguments, in order. The resource has flag m: without it, OpenPBS does
-    not send a custom resource to the moms (PP-848), and execjob_begin would see none."""
+    not send a custom resource to the moms (PP-848), and execjob_begin would see none.
+    Every hook is made disabled and enabled only once all four are in place."""
     cmds = [f"create resource {resource} type=string,flag=m"]
     for name, (events, order, fail_action) in HOOKS.items():
         alarm = SERVER_ALARM if "queuejob" in events else ALARM
         cmds += [f"create hook {name}",
+                 f"set hook {name} enabled = false",
                  f"set hook {name} event = \"{events}\"",
                  f"set hook {name} order = {order}",
                  f"set hook {name} alarm = {alarm}",
                  f"set hook {name} fail_action = {fail_action}"]
         if "exechost_periodic" in events:
             cmds.append(f"set hook {name} freq = {FREQ}")
-        cmds += [f"import hook {name} application/x-python default {hook_file}",
-                 f"set hook {name} enabled = true"]
+        cmds.append(f"import hook {name} application/x-python default {hook_file}")
+    cmds += [f"set hook {name} enabled = true" for name in ENABLE_ORDER]
     return cmds
 
 
@@ -131,21 +157,46 @@ def install(dest: str, config: str, python: str, syslog: str, resource: str,
              "the same paths.",
              f"# On the server host{' (done: --apply)' if apply else ''}:"]
     lines += [f"{qmgr} -c '{c}'" for c in cmds]
+    lines.append(f"# Then check the resource: `{qmgr} -c 'list resource {resource}'` must say "
+                 "type = string and flag = m (an older one without flag m never reaches the "
+                 "moms).")
     if apply:
         _run_qmgr(qmgr, cmds)
+        _check_resource(qmgr, resource)
     return "\n".join(lines) + "\n"
 
 
+def _check_resource(qmgr: str, resource: str) -> None:
+    """A resource of that name made before (by the site, or without flag m) is refused."""
+    out = _qmgr(qmgr, f"list resource {resource}")
+    settings = {k.strip(): v.strip() for k, _, v in
+                (line.partition("=") for line in out.splitlines() if "=" in line)}
+    if settings.get("type") != "string" or "m" not in settings.get("flag", ""):
+        raise UserError(f"resource {resource} exists with type = {settings.get('type')!r}, "
+                        f"flag = {settings.get('flag')!r}: it must be type = string with flag "
+                        f"m (else the moms never see it); fix it with qmgr, or set "
+                        f"image_resource to another name")
+
+
 def _run_qmgr(qmgr: str, cmds: list[str]) -> None:
-    import subprocess
     for cmd in cmds:
         try:
-            res = subprocess.run([qmgr, "-c", cmd], stdin=subprocess.DEVNULL,
-                                 capture_output=True, text=True, timeout=60,
-                                 env={"PATH": "/bin:/usr/bin", "LC_ALL": "C"})
-        except (OSError, subprocess.TimeoutExpired) as e:
-            raise UserError(f"can't run {qmgr}: {e}") from e
+            _qmgr(qmgr, cmd)
+        except UserError as e:
+            exists = "already exists" in e.detail or "Duplicate" in e.detail
+            if not (cmd.startswith("create ") and exists):
+                raise
+
+
+def _qmgr(qmgr: str, cmd: str) -> str:
+    import subprocess
+    try:
+        res = subprocess.run([qmgr, "-c", cmd], stdin=subprocess.DEVNULL,
+                             capture_output=True, text=True, timeout=60,
+                             env={"PATH": "/bin:/usr/bin", "LC_ALL": "C"})
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise UserError(f"can't run {qmgr}: {e}") from e
+    if res.returncode != 0:
         out = (res.stderr or res.stdout).strip()
-        if res.returncode != 0 and not (cmd.startswith("create ") and "already exists" in out
-                                        or "Duplicate" in out):
-            raise UserError(f"qmgr -c '{cmd}' failed ({res.returncode}): {out[:300]}")
+        raise UserError(f"qmgr -c '{cmd}' failed ({res.returncode}): {out[:300]}")
+    return res.stdout

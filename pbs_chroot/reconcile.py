@@ -39,17 +39,23 @@ def is_running(cfg: Config, job_id: str, mom_files: Optional[list[str]] = None) 
         pid = job_id.split("-")[1]
         return pid.isascii() and pid.isdigit() and os.path.exists(f"/proc/{pid}")
     files = mom_files if mom_files is not None else _mom_files(cfg)
+    if files is None:  # no mom_priv/jobs here (pbs_home wrong?): unsure, so yes
+        return True
     # pbs_mom names job files by a prefix of the id (long ids are cut):
     # any file of the same sequence number counts.
     seq = job_id.split(".")[0] + "."
     return any(f.startswith(seq) for f in files)
 
 
-def _mom_files(cfg: Config) -> list[str]:
+def _mom_files(cfg: Config) -> Optional[list[str]]:
+    """The names in pbs_mom's mom_priv/jobs; None if there is no such directory (a wrong
+    pbs_home must not make every running job look finished)."""
     try:
         return os.listdir(os.path.join(cfg.pbs_home, "mom_priv", "jobs"))
     except FileNotFoundError:
-        return []
+        log.warning("%s/mom_priv/jobs is missing (is pbs_home right?): no job is taken for "
+                    "finished", cfg.pbs_home)
+        return None
 
 
 def cleanup(cfg: Config, dry_run: bool = False, running: Sequence[str] = ()) -> Outcome:
@@ -59,14 +65,18 @@ def cleanup(cfg: Config, dry_run: bool = False, running: Sequence[str] = ()) -> 
     file in mom_priv/jobs (OpenPBS's exechost_periodic job_list).
     """
     out = Outcome([], [], [], [])
-    files = _mom_files(cfg) + [f"{job_id}.running" for job_id in running]
+    found = _mom_files(cfg)
+    unsure = found is None  # then only `pbs-chroot run` jobs (by pid) are judged
+    files = (found or []) + [f"{job_id}.running" for job_id in running]
     for job_id in list_records(cfg.state_dir):
-        if is_running(cfg, job_id, files):
+        if (unsure and not job_id.startswith("run-")) or is_running(cfg, job_id, files):
             continue
         out.finished.append(job_id)
         if not dry_run:
             _try(out, job_id, lifecycle.end_job, cfg, job_id, "", True)  # recovered
     records = set(list_records(cfg.state_dir))  # what is left (all of it, in a dry run)
+    if unsure:
+        return out
     _prune_members(cfg, files, records, out, dry_run)
     _prune_cgroups(cfg, files, records, out, dry_run)
     return out

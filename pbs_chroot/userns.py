@@ -20,6 +20,7 @@ import sys
 
 from . import _sys
 from .errors import PbsChrootError, PrivilegeError, SiteError, UserError
+from .usernscheck import SYSCTLS, userns_problem
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -32,27 +33,7 @@ __all__ = ["SYSCTLS", "userns_problem", "run", "enter", "drop_capabilities"]
 
 SETUP_FAILED = 125
 PATH = "/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin"
-# (sysctl, the value that switches unprivileged user namespaces off, whose it is)
-SYSCTLS = (
-    ("user.max_user_namespaces", "0", ""),
-    ("kernel.unprivileged_userns_clone", "0", "Debian's "),
-    ("kernel.apparmor_restrict_unprivileged_userns", "1", "Ubuntu's AppArmor "),
-)
 _CAPS = ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")
-
-
-def userns_problem(proc_sys: str = "/proc/sys") -> str:
-    """Why this user cannot create a user namespace here ('' if nothing says so)."""
-    for name, off, whose in SYSCTLS:
-        try:
-            with open(os.path.join(proc_sys, *name.split(".")), encoding="ascii") as f:
-                value = f.read().strip()
-        except OSError:
-            continue  # this kernel has no such setting
-        if value == off:
-            return (f"can't run unprivileged: user namespaces are switched off on this node "
-                    f"({whose}sysctl {name}={off})")
-    return ""
 
 
 def run(cfg_path: str, image: Optional[str], tree: Optional[str], user: Optional[str],

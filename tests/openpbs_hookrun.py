@@ -11,7 +11,8 @@ whether the hook accepts or not: mom_hook_func.c get_hook_results), vnode state/
 e.accept() and e.reject() end the hook (SystemExit), as in pbs_python; any other
 exception is a hook error (JOB_EXEC_HOOKERROR at the mom).
 
-    python -I openpbs_hookrun.py IN.json OUT.json HOOK.py
+    python -I -S openpbs_hookrun.py IN.json OUT.json HOOK.py   (-S: no site-packages, as
+    pbs_python has none of the site's: the hook finds the package by its own LIBDIR)
 """
 import json
 import sys
@@ -119,7 +120,10 @@ def _module(spec: dict, event: _Event) -> types.ModuleType:
     pbs.event = lambda: event
     pbs.get_local_nodename = lambda: spec["local_nodename"]
     pbs.logmsg = lambda level, msg: OUT["log"].append(str(msg))
-    server = types.SimpleNamespace(default_queue=spec.get("default_queue", "workq"))
+    kinds = spec.get("queue_types", {})  # name -> "Execution" (the default) or "Route"
+    server = types.SimpleNamespace(
+        default_queue=spec.get("default_queue", "workq"),
+        queue=lambda name: types.SimpleNamespace(queue_type=kinds.get(name, "Execution")))
     pbs.server = lambda: server
     return pbs
 

@@ -80,6 +80,12 @@ class Host:
         self.offline: Optional[str] = None
         for sub in ("mom_priv/hooks/tmp", "mom_priv/jobs", "spool", "aux"):
             (pbs_home / sub).mkdir(parents=True, exist_ok=True)
+        # What the server pushes to every mom: each hook's text as mom_priv/hooks/NAME.PY.
+        from pbs_chroot.openpbsinstall import HOOKS
+        for name in HOOKS:
+            copy = pbs_home / "mom_priv" / "hooks" / f"{name}.PY"
+            copy.write_text(hook_file.read_text())
+            os.chmod(copy, 0o600)
         os.chmod(pbs_home / "mom_priv", 0o751)
         os.chmod(pbs_home / "mom_priv" / "jobs", 0o751)
 
@@ -92,7 +98,7 @@ class Host:
         with suppress(FileNotFoundError):
             dst.unlink()
         try:
-            res = subprocess.run([sys.executable, "-I", str(RUNNER), str(src), str(dst),
+            res = subprocess.run([sys.executable, "-I", "-S", str(RUNNER), str(src), str(dst),
                                   str(self.hook_file)], cwd=tmp, capture_output=True,
                                  text=True, timeout=self.alarm, stdin=subprocess.DEVNULL,
                                  env={"PATH": "/bin:/usr/bin", "PBS_CONF_FILE": "/etc/pbs.conf"})
@@ -208,17 +214,17 @@ class NsHost(Host):
 
 
 def qsub(server_home: Path, hook_file: Path, user: str, resources: dict,
-         queue: str = "") -> tuple:
+         queue: str = "", queue_types: Optional[dict] = None) -> tuple:
     """queuejob as the server runs it; (exit code, qsub's stderr)."""
     tmp = server_home / "server_priv" / "hooks" / "tmp"
     tmp.mkdir(parents=True, exist_ok=True)
     src, dst = tmp / "queuejob.in", tmp / "queuejob.out"
     src.write_text(json.dumps({
         "event": "queuejob", "requestor": user, "requestor_host": "vm",
-        "local_nodename": "vm",
+        "local_nodename": "vm", "queue_types": queue_types or {},
         "job": {"id": "", "queue": queue, "euser": None, "egroup": None,
                 "Resource_List": resources, "Job_Name": "job.sh"}}))
-    res = subprocess.run([sys.executable, "-I", str(RUNNER), str(src), str(dst),
+    res = subprocess.run([sys.executable, "-I", "-S", str(RUNNER), str(src), str(dst),
                           str(hook_file)], cwd=tmp, env={"PATH": "/bin:/usr/bin"},
                          capture_output=True, text=True, timeout=60)
     out = json.loads(dst.read_text())
