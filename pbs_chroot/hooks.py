@@ -63,7 +63,18 @@ def _prologue(cfg: Config, argv: Sequence[str]) -> None:
                                       lambda: _checked(cfg, job, argv[0], chosen))
         image = chosen[0] if chosen else None
     else:
-        image = _checked(cfg, job, argv[0], [])
+        try:
+            image = _checked(cfg, job, argv[0], [])
+        except UserError as e:
+            if not argv[0].endswith(".parallel"):
+                raise
+            # Torque turns any failure of prologue.parallel into a requeue (job_start_error):
+            # a refusal here would loop through the queue. Mother superior's prologue runs
+            # next, after every sister, with the same gate: it aborts the job and tells the
+            # user. Nothing is set up here, so no task of the job can run in a stage.
+            logger.warning("job %s refused on this sister: %s; nothing set up here, the "
+                           "mother superior's prologue decides", job.job_id, e.detail)
+            return
         if image is None and not cfg.cgroups:
             return
         ensure_layout(cfg.state_dir)

@@ -327,17 +327,23 @@ def test_sister_without_its_image_offlines_itself_and_the_job_is_requeued(
 
 
 def test_sister_refuses_a_request_itself(cluster: Cluster) -> None:
-    """Every sister runs the gate on the request it gets, trusting no other node: a
-    request its allowlist refuses is refused there (exit 1, the user's fault: no offline)."""
+    """Every sister runs the gate on the request it gets, trusting no other node. A request
+    it refuses sets nothing up there; since Torque turns any prologue.parallel failure into
+    a requeue (a loop, for a request every node refuses), the sister passes the decision to
+    mother superior's prologue, which runs next with the same gate: the job is aborted, the
+    user told in its error file, no node offlined, nothing requeued."""
     sis = cluster.sisters[0]
     mjob = cluster.job([("PBS_O_ROOTDIRX", "/tmp/x")])
-    assert not mjob.start()
-    assert mjob.join_results[-1] == {"rc": 1, "mom_rc": 1}
+    assert mjob.start()
+    assert mjob.join_results[-1] == {"rc": 0, "mom_rc": 0}
+    res = mjob.wait(60)
+    assert res.action == "aborted" and res.prologue_rc == 1, res
+    assert "PBS_O_ROOTDIRX is not allowed" in res.stderr
+    assert not mjob.requeued
     assert sis.offline_calls() == [] and cluster.ms.offline_calls() == []
-    assert any(f"job {mjob.job.job_id} refused" in line for line in sis.syslog.lines())
-    # Torque turns any sister failure into a requeue (job_start_error): see the docs
-    assert mjob.requeued
-    assert sis.state_left() == []
+    assert any(f"job {mjob.job.job_id} refused on this sister" in line
+               for line in sis.syslog.lines())
+    assert sis.state_left() == [] and job_cgroups() == []
 
 
 @pytest.fixture
