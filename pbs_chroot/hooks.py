@@ -25,19 +25,32 @@ if TYPE_CHECKING:
     from .config import Config, Image
     from .jobinfo import JobVariables
 
-__all__ = ["prologue_main", "epilogue_main", "run_main", "offline_node"]
+__all__ = ["prologue_main", "epilogue_main", "run_main", "offline_node", "is_parallel", "LOST"]
 
 logger = log.get_logger("pbs_chroot.hooks")
 
 _PROLOGUE_ARGS = 7   # ID USER GROUP JOBNAME RESOURCE_LIST QUEUE ACCOUNT [SCRIPT]
 _EPILOGUE_ARGS = 10  # ID USER GROUP JOBNAME SESSION RESOURCE_LIST USED QUEUE ACCOUNT EXIT [SCRIPT]
 _OFFLINE_TIMEOUT = 10.0
+LOST = "--hookd-lost"  # argv[1] from the C client: its server's worker died (hookd.py)
 
 
 def prologue_main(argv: Sequence[str], config_path: str = config_mod.DEFAULT_PATH,
-                  pbsnodes: str = "/usr/bin/pbsnodes", syslog: str = "/dev/log") -> int:
-    """Entry point of mom_priv/prologue and prologue.parallel."""
-    return run_main("prologue", argv, _prologue, config_path, pbsnodes, syslog)
+                  pbsnodes: str = "/usr/bin/pbsnodes", syslog: str = "/dev/log",
+                  parent: Optional[int] = None) -> int:
+    """Entry point of mom_priv/prologue and prologue.parallel.
+
+    parent: the parent of the process pbs_mom started, when that process is not this
+    one (the hook server's worker runs this for its client: hookd.py); default ours.
+    ``NAME.py --hookd-lost ARGS``: the C client's hook server worker for this job died
+    before it answered (starter/hook_client.c): a site fault, whatever the worker had
+    done (its steps are journaled: the epilogue or the reconciler finishes them).
+    """
+    if list(argv[1:2]) == [LOST]:  # never a job id (check_job_id)
+        return run_main("prologue", [argv[0], *argv[2:]], _lost, config_path, pbsnodes,
+                        syslog)
+    return run_main("prologue", argv, lambda cfg, args: _prologue(cfg, args, parent),
+                    config_path, pbsnodes, syslog)
 
 
 def epilogue_main(argv: Sequence[str], config_path: str = config_mod.DEFAULT_PATH,
@@ -46,14 +59,27 @@ def epilogue_main(argv: Sequence[str], config_path: str = config_mod.DEFAULT_PAT
     return run_main("epilogue", argv, _epilogue, config_path, pbsnodes, syslog)
 
 
-def _prologue(cfg: Config, argv: Sequence[str]) -> None:
+def _lost(cfg: Config, argv: Sequence[str]) -> None:
+    raise SiteError("the hook server's worker for this job died before it answered "
+                    "(killed, or out of memory?): see pbs-chroot-hookd in syslog")
+
+
+def is_parallel(argv0: str) -> bool:
+    """Whether the hook is prologue.parallel or epilogue.parallel (a sister node's): the
+    name pbs_mom ran, or the Python hook beside the C client (NAME.py)."""
+    name = argv0[:-3] if argv0.endswith(".py") else argv0
+    return name.endswith(".parallel")
+
+
+def _prologue(cfg: Config, argv: Sequence[str], parent: Optional[int]) -> None:
     _shun_oom_killer()  # first thing once syslog is set up
     if len(argv) < _PROLOGUE_ARGS + 1:
         raise SiteError(f"prologue called with {len(argv) - 1} arguments, pbs_mom passes "
                         f"at least {_PROLOGUE_ARGS}")
     job = lifecycle.Job(check_job_id(argv[1]), argv[2], argv[3], argv[6], argv[5])
-    pid = _future_job_process(argv[0])
-    spawner = _task_spawner(argv[0], pid)
+    ppid = parent if parent is not None else os.getppid()
+    pid = _future_job_process(argv[0], ppid)
+    spawner = _task_spawner(argv[0], pid, ppid)
     if cfg.cgroups and cfg.early_attach and pid is not None:
         # The server query overlaps the move into the cgroup (early.py); a refusal
         # undoes the job's start, moving the process back out first.
@@ -81,7 +107,7 @@ def _checked(cfg: Config, job: lifecycle.Job, argv0: str,
     from . import jobinfo  # the prologue's only: the epilogue need not load it
     variables = jobinfo.read_variables(job.job_id, source=cfg.job_info, qstat=cfg.qstat,
                                        timeout=cfg.job_info_timeout)
-    sister = argv0.endswith(".parallel")
+    sister = is_parallel(argv0)
     try:
         image = gate.check_request(variables.entries, jobinfo.lossy_names(variables.raw), cfg,
                                    job.user, job.queue)
@@ -135,14 +161,13 @@ def _shun_oom_killer() -> None:
         logger.warning("can't protect the prologue from the OOM killer: %s", e.strerror)
 
 
-def _future_job_process(argv0: str) -> Optional[int]:
-    """The prologue's parent: pbs_mom's child that becomes the job (DESIGN.md).
+def _future_job_process(argv0: str, ppid: int) -> Optional[int]:
+    """The prologue's parent ``ppid``: pbs_mom's child that becomes the job (DESIGN.md).
 
     Never pbs_mom itself: on sister nodes prologue.parallel may be run by the
     daemon, which must not land in (and be killed with) a job's cgroup.
     """
-    ppid = os.getppid()
-    if argv0.endswith(".parallel") or ppid == 1:
+    if is_parallel(argv0) or ppid == 1:
         return None
     try:
         with open(f"/proc/{ppid}/stat") as f:
@@ -155,7 +180,7 @@ def _future_job_process(argv0: str) -> Optional[int]:
     return ppid
 
 
-def _task_spawner(argv0: str, job_process: Optional[int]) -> Optional[int]:
+def _task_spawner(argv0: str, job_process: Optional[int], ppid: int) -> Optional[int]:
     """pbs_mom's pid, if this node may run TM tasks of a job on several nodes; else None.
 
     A sister runs prologue.parallel from the pbs_mom daemon itself
@@ -164,8 +189,7 @@ def _task_spawner(argv0: str, job_process: Optional[int]) -> Optional[int]:
     way pbs_mom forks the tasks (start_process), outside the job's process
     tree (docs/torque-multinode.md).
     """
-    if argv0.endswith(".parallel"):
-        ppid = os.getppid()
+    if is_parallel(argv0):
         return ppid if ppid != 1 else None
     nodes = os.environ.get("PBS_NUM_NODES", "")
     if job_process is None or not (nodes.isascii() and nodes.isdigit() and int(nodes) > 1):
@@ -202,7 +226,7 @@ def _job_nodes(argv: Sequence[str]) -> dict[str, object]:
     RESOURCES_USED is Torque's sum over all nodes; its line names the nodes
     from $PBS_NODEFILE and keeps that sum.
     """
-    if argv[0].endswith(".parallel"):
+    if is_parallel(argv[0]):
         return {"sister": True}
     hosts: list[str] = []
     try:

@@ -1,0 +1,68 @@
+"""The hook server's clients: build starter/hook_client.c, install it under the hooks' names.
+
+Run as root by the admin (``pbs-chroot install`` when the config sets hook_server), never
+by the hooks. The client is compiled static with the site's paths baked in (the socket,
+mom_priv, the syslog socket), as the Python hooks get theirs rendered in, and installed
+root:root 0500 as mom_priv/prologue, epilogue and *.parallel; the Python hooks go beside
+it as NAME.py: the client runs them when the server is down (hookd.py).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+
+from .errors import UserError
+
+__all__ = ["SOURCE", "MARKER", "build", "is_client", "python_path"]
+
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "starter", "hook_client.c")
+MARKER = b"pbs_chroot hook client 1"
+_CC = ("cc", "gcc")
+
+
+def python_path(hook: str) -> str:
+    """Where the Python hook goes beside the client ``hook`` (a path in mom_priv)."""
+    return hook + ".py"
+
+
+def build(socket_path: str, hook_dir: str, syslog: str) -> bytes:
+    """The client, compiled static with these paths; its bytes (UserError without a
+    compiler and a static libc)."""
+    for value in (socket_path, hook_dir, syslog):
+        if not value.startswith("/") or not value.isprintable() or '"' in value \
+                or "\\" in value:
+            raise UserError(f"can't build the hook client: {value!r} must be an absolute, "
+                            "plain path")
+    flags = [f'-DSOCKET_PATH="{socket_path}"', f'-DHOOK_DIR="{hook_dir}"',
+             f'-DSYSLOG_PATH="{syslog}"']
+    err = "no C compiler found"
+    with tempfile.TemporaryDirectory(prefix="pbs_chroot-hookclient.") as tmp:
+        out = os.path.join(tmp, "hook_client")
+        for cc in _CC:
+            try:
+                res = subprocess.run([cc, "-static", "-Os", "-s", "-Wall", *flags, "-o", out,
+                                      SOURCE], capture_output=True, text=True, timeout=120,
+                                     env={"PATH": "/usr/local/bin:/usr/bin:/bin"})
+            except FileNotFoundError:
+                continue
+            except (OSError, subprocess.TimeoutExpired) as e:
+                err = str(e)
+                break
+            if res.returncode == 0 and os.path.exists(out):
+                with open(out, "rb") as f:
+                    return f.read()
+            err = res.stderr.strip().splitlines()[-1] if res.stderr.strip() else cc
+        raise UserError(f"can't build the hook client ({err}): hook_server needs a C compiler "
+                        "and a static libc (Debian: gcc libc6-dev; EL: gcc glibc-static), or "
+                        "set hook_server = no")
+
+
+def is_client(path: str) -> bool:
+    """Whether ``path`` is a hook client we installed (install may replace it)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(4 << 20)
+    except OSError:
+        return False
+    return data.startswith(b"\x7fELF") and MARKER in data
