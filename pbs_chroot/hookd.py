@@ -68,7 +68,7 @@ def serve(config_path: str, pbsnodes: str, syslog: str) -> int:
     log.use_socket(cfg.syslog_socket)
     _preload()
     lock, listener = _listen(cfg.hook_server)
-    server = _Server(listener, lock, (config_path, pbsnodes, cfg.syslog_socket or syslog))
+    server = _Server(listener, lock, (config_path, pbsnodes, syslog))
     logger.info("serving the hooks on %s (config %s)", cfg.hook_server, config_path)
     server.run()
     logger.info("stopped; %d worker(s) still running finish on their own",
