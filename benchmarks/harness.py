@@ -212,6 +212,7 @@ def _cleanup(node: node_mod.Node, mom: "object", res: dict) -> None:
     """Whatever is left, ours only: processes started here, job records, our cgroup parent.
     The syslog drainer is stopped whatever fails here: it holds the results pipe open."""
     try:
+        node.stop_hookd()
         if mom is not None:
             mom.kill_all()  # type: ignore[attr-defined]
         if node.state.is_dir():

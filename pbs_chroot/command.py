@@ -25,7 +25,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Optional, Sequence
 
-__all__ = ["Completed", "run"]
+__all__ = ["Completed", "run", "wait_child"]
 
 _CHUNK = 65536
 
@@ -153,16 +153,36 @@ def _read_until_eof(out_fd: int, err_fd: int, deadline: float) -> Optional[tuple
 
 
 def _wait(pid: int, deadline: float) -> Optional[int]:
-    """The child's wait status; None at the deadline (as subprocess: growing pauses)."""
-    pause = 0.0005
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return status
-        if time.monotonic() >= deadline:
-            return None
-        time.sleep(pause)
-        pause = min(pause * 2, 0.05)
+    return wait_child(pid, deadline)
+
+
+def wait_child(pid: int, deadline: float) -> Optional[int]:
+    """Child ``pid``'s wait status once it exits; None at the ``deadline`` (monotonic).
+
+    On a pidfd (Linux >= 5.3): woken the moment it exits, where polling with
+    subprocess's growing pauses added ~1 ms to each wait of a job's hooks.
+    """
+    try:
+        pidfd = os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        pidfd = -1
+    try:
+        pause = 0.0005
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                return status
+            wait = deadline - time.monotonic()
+            if wait <= 0:
+                return None
+            if pidfd >= 0:
+                select.select([pidfd], [], [], wait)
+            else:
+                time.sleep(min(pause, wait))
+                pause = min(pause * 2, 0.05)
+    finally:
+        if pidfd >= 0:
+            os.close(pidfd)
 
 
 def _run_subprocess(argv: Sequence[str], env: dict[str, str], timeout: float) -> Completed:

@@ -56,7 +56,8 @@ FALLBACK = b"F\n"
 # What the hooks import on their way (most of it lazily): the workers start with it loaded.
 _PRELOAD = ("hooks", "lifecycle", "gate", "jobinfo", "stage", "mounts", "mountpoints",
             "identity", "homes", "early", "cgroups", "shells", "userfile", "accounting",
-            "deferred", "adopt", "resources", "command", "undo", "faults", "paths", "state")
+            "deferred", "adopt", "resources", "command", "undo", "faults", "paths", "state",
+            "cgroups.v1", "cgroups.v2")
 
 
 def serve(config_path: str, pbsnodes: str, syslog: str) -> int:
@@ -84,7 +85,7 @@ def _preload() -> None:
             importlib.import_module(f"pbs_chroot.{name}")
         except ImportError as e:  # the worker imports it itself (and fails there, logged)
             logger.warning("can't preload pbs_chroot.%s: %s", name, e)
-    for name in ("subprocess", "pwd", "grp", "json", "traceback"):
+    for name in ("subprocess", "pwd", "grp", "json", "traceback", "pyexpat"):
         importlib.import_module(name)
     gc.collect()
     gc.freeze()  # the workers' copy-on-write pages stay shared: no GC pass touches them
