@@ -59,6 +59,7 @@ class HookdNode(Node):
         self.install()
         self.proc: Optional[subprocess.Popen] = None
         self.workers_seen: set = set()
+        self.helpers: set = set()
 
     def install(self) -> None:
         res = pbs_chroot_cli("--config", str(self.site.config), "install", "--pbs-home",
@@ -79,9 +80,12 @@ class HookdNode(Node):
             assert self.proc.poll() is None, self.proc.stderr.read().decode()  # type: ignore
             assert time.monotonic() < deadline, "hookd did not answer within 30 s"
             time.sleep(0.05)
+        self.helpers = set(_children(self.proc.pid))  # the RCU warmer: not a worker
+        self.workers_seen.update((pid, _starttime(pid)) for pid in self.helpers)
 
     def workers(self) -> list[int]:
         found = _children(self.proc.pid) if self.proc is not None else []
+        found = [pid for pid in found if pid not in self.helpers]
         self.workers_seen.update((pid, _starttime(pid)) for pid in found)
         return found
 
