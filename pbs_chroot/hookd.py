@@ -305,7 +305,7 @@ class _Server:
         conn, client = self.workers[pid]
         self.poller.unregister(fd)
         conn.close()
-        if _is_running(pid):
+        if _is_running(pid) and not _has_answered(pid):
             logger.warning("client %d went away before its worker %d answered ($prologalarm?):"
                            " worker killed; its steps are journaled (the epilogue or "
                            "pbs-chroot cleanup finishes them)", client, pid)
@@ -389,16 +389,52 @@ def _worker(conn: socket.socket, client: int, hook_args: tuple[str, str, str]) -
     _become_client(fds, umask, env)
     from . import hooks
     config_path, pbsnodes, syslog = hook_args
+    answered: list[int] = []
+
+    def answer(code: int = 0) -> None:
+        """Answer the client, once; from then on the rest of the work is this worker's own:
+        the daemon lets it finish (_ANSWERED), and nothing more goes to the job's files."""
+        if answered:
+            return
+        answered.append(code)
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except OSError:
+                pass
+        _mark_answered()  # before the answer: the client may exit at once
+        conn.sendall(f"R{code}\n".encode())
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        os.close(null)
     if name.startswith("prologue"):
         rc = hooks.prologue_main(argv, config_path, pbsnodes, syslog, parent=parent)
     else:
-        rc = hooks.epilogue_main(argv, config_path, pbsnodes, syslog)
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except OSError:
-            pass
-    conn.sendall(f"R{rc}\n".encode())
+        rc = hooks.epilogue_main(argv, config_path, pbsnodes, syslog, answer=answer)
+    if answered and rc != answered[0]:
+        logger.warning("%s of %s answered %d before its end, which made it %d (see above)",
+                       name, argv[1] if len(argv) > 1 else "?", answered[0], rc)
+    answer(rc)
+
+
+_ANSWERED = "hookd-answered"  # a worker's name (/proc/PID/comm) once it has answered
+
+
+def _mark_answered() -> None:
+    try:
+        with open("/proc/self/comm", "w") as f:
+            f.write(_ANSWERED)
+    except OSError:
+        pass
+
+
+def _has_answered(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip() == _ANSWERED
+    except OSError:
+        return False
 
 
 def _become_client(fds: list[int], umask: int, env: dict[str, str]) -> None:

@@ -54,9 +54,16 @@ def prologue_main(argv: Sequence[str], config_path: str = config_mod.DEFAULT_PAT
 
 
 def epilogue_main(argv: Sequence[str], config_path: str = config_mod.DEFAULT_PATH,
-                  pbsnodes: str = "/usr/bin/pbsnodes", syslog: str = "/dev/log") -> int:
-    """Entry point of mom_priv/epilogue and epilogue.parallel."""
-    return run_main("epilogue", argv, _epilogue, config_path, pbsnodes, syslog)
+                  pbsnodes: str = "/usr/bin/pbsnodes", syslog: str = "/dev/log",
+                  answer: Optional[Callable[[], None]] = None) -> int:
+    """Entry point of mom_priv/epilogue and epilogue.parallel.
+
+    answer: called once the job's processes are dead, its accounting written and the
+    user told of OOM kills (the hook server's worker answers pbs_mom there and does the
+    rest, stage and cgroup, after it: hookd.py); then defer_teardown does not fork.
+    """
+    return run_main("epilogue", argv, lambda cfg, args: _epilogue(cfg, args, answer),
+                    config_path, pbsnodes, syslog)
 
 
 def _lost(cfg: Config, argv: Sequence[str]) -> None:
@@ -206,14 +213,22 @@ def _parent_of(pid: int) -> Optional[int]:
         return None
 
 
-def _epilogue(cfg: Config, argv: Sequence[str]) -> None:
+def _epilogue(cfg: Config, argv: Sequence[str], answer: Optional[Callable[[], None]]) -> None:
     if len(argv) < _EPILOGUE_ARGS + 1:
         raise SiteError(f"epilogue called with {len(argv) - 1} arguments, pbs_mom passes "
                         f"at least {_EPILOGUE_ARGS}")
     job_id = check_job_id(argv[1])
+    told: list[bool] = []
+
+    def accounted(acct: Optional[dict]) -> None:  # type: ignore[type-arg]
+        if acct and acct.get("oom_kills"):
+            _tell_user(job_id, oom_message(acct))
+        told.append(True)
+        if answer is not None:
+            answer()
     acct = lifecycle.end_job(cfg, job_id, argv[10], extra=_job_nodes(argv),
-                             defer=cfg.defer_teardown)
-    if acct and acct.get("oom_kills"):
+                             defer=cfg.defer_teardown and answer is None, accounted=accounted)
+    if not told and acct and acct.get("oom_kills"):
         _tell_user(job_id, oom_message(acct))
 
 

@@ -18,8 +18,8 @@ import pytest
 
 from pbs_chroot import hookd
 from tests import fakes
-from tests.conftest import (UID, USER, Node, Site, Syslog, home_of, mount_points,
-                            pbs_chroot_cli, starter_dir)
+from tests.conftest import (CG_PARENT, PROBE, UID, USER, Node, Site, Syslog, home_of,
+                            mount_points, pbs_chroot_cli, starter_dir)
 from tests.momemu import EmuJob, EmuResult
 
 pytestmark = [pytest.mark.root,
@@ -103,6 +103,18 @@ class HookdNode(Node):
             self.proc.stderr.close()
         self.proc = None
 
+    def settle(self, timeout: float = 30) -> None:
+        """Until no worker runs (an epilogue's worker answers before its stage and cgroup
+        are undone, and goes on with them)."""
+        deadline = time.monotonic() + timeout
+        while self.workers():
+            assert time.monotonic() < deadline, f"workers still running: {self.workers()}"
+            time.sleep(0.01)
+
+    def assert_clean(self) -> None:
+        self.settle()
+        super().assert_clean()
+
     def kill_leftovers(self) -> None:
         """Workers still alive after their daemon: by pid, each one seen here."""
         for pid, start in self.workers_seen:
@@ -134,6 +146,7 @@ def hnode(site: Site, syslog: Syslog) -> Iterator[HookdNode]:
     try:
         n.start_server()
         yield n
+        n.settle()
     finally:
         n.stop_server()
         n.emu.cleanup()
@@ -169,16 +182,17 @@ def test_install_puts_the_clients_and_the_python_hooks_beside(hnode: HookdNode) 
 def test_whole_lifecycle_through_the_server(hnode: HookdNode) -> None:
     before = mount_points()
     hnode.python_hooks(False)  # served by hookd, or the job fails
-    job = hnode.job(hnode.rootdir())
-    ran_in_image(hnode.emu.run(job), job)
+    job = hnode.job(hnode.rootdir(), PROBE + "cat /proc/self/cgroup\n")
+    res = hnode.emu.run(job)
+    ran_in_image(res, job)
+    # The job ran in its cgroup: the worker moved the client's parent (the job child).
+    assert f"{CG_PARENT}/{job.job_id}" in res.stdout, res.stdout
     plain = hnode.job([("MYVAR", "x")], "#!/bin/sh\nhead -n 1 /etc/os-release\n")
     res = hnode.emu.run(plain)
     assert res.action == "ran" and res.job_rc == 0 and res.epilogue_rc == 0, res.stderr
+    hnode.assert_clean()  # (the epilogue answers before the stage's leave: settled first)
     assert mount_points() == before
-    hnode.assert_clean()
-    # The job ran in its cgroup: the worker attached the client's parent (the job child).
-    acct = {a["job_id"]: a for a in hnode.site.accounting_lines()}
-    assert acct[job.job_id]["cpu_user_usec"] + acct[job.job_id]["cpu_system_usec"] > 0
+    assert {a["job_id"] for a in hnode.site.accounting_lines()} >= {job.job_id, plain.job_id}
     assert hnode.offline_calls() == [] and hnode.fallback_lines() == []
     assert any(f"job {job.job_id}" in line and "runs in image" in line
                for line in hnode.syslog.lines())
@@ -290,12 +304,13 @@ def _state(pid: int) -> str:
         return "gone"
 
 
-@pytest.mark.parametrize("point", ["stage_joined", "end:killed"])
+@pytest.mark.parametrize("point", ["stage_joined", "end:killed", "end:stage_left"])
 def test_killed_worker_leaves_what_the_reconciler_finishes(hnode: HookdNode,
                                                            point: str) -> None:
     """A worker killed at a step (as the OOM killer would): its record is finished by the
-    epilogue (prologue steps) or by `pbs-chroot cleanup` (an epilogue killed there, and its
-    Python re-run killed at the same step)."""
+    epilogue (prologue steps) or by `pbs-chroot cleanup` (an epilogue killed before it
+    answered, and its Python re-run killed at the same step; or one killed after it
+    answered, while it undid the stage)."""
     hnode.emu.hook_env = {"PBS_CHROOT_TEST_KILL_AT": point}
     job = hnode.job(hnode.rootdir())
     res = hnode.emu.run(job)
@@ -303,8 +318,12 @@ def test_killed_worker_leaves_what_the_reconciler_finishes(hnode: HookdNode,
     if point == "stage_joined":
         assert res.prologue_rc == 2 and res.action == "requeued", res.stderr
         assert hnode.offline_calls()
-    else:
+    elif point == "end:killed":
         assert res.action == "ran" and res.epilogue_rc == -signal.SIGKILL
+        assert os.listdir(hnode.site.state / "jobs") != []  # left for the reconciler
+    else:  # answered (accounted), then killed while leaving the stage
+        assert res.action == "ran" and res.epilogue_rc == 0, res.stderr
+        hnode.settle()
         assert os.listdir(hnode.site.state / "jobs") != []  # left for the reconciler
     out = pbs_chroot_cli("--config", str(hnode.site.config), "cleanup", check=False)
     assert out.returncode == 0, out.stdout + out.stderr
