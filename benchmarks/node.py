@@ -267,7 +267,7 @@ class Node:
 
     def _start_hookd(self) -> None:
         """The C clients as served/prologue and served/epilogue; `pbs-chroot hookd` running."""
-        from pbs_chroot import hookd, hookinstall
+        from pbs_chroot import hookinstall, hookproto as hookd
         self.hookd_on = True
         self.write_config()
         client = hookinstall.build(str(self.hookd_sock), str(self.mom_priv),

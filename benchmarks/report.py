@@ -132,7 +132,8 @@ def throughput_text(res: dict) -> str:
         line = (f"  {label:<31} {c['total_s']:>7.2f} s  {c['rate']:>6.1f} jobs/s")
         if "ratio" in c:
             line += (f"  x{c['ratio']:.3f} of no hooks (mom.py alone: x{c['own_ratio']:.3f}); "
-                     f"pair {c['pair']['median']:.1f} ms (p90 {c['pair']['p90']:.1f})")
+                     f"pair {c['pair']['median']:.1f} ms (p90 {c['pair']['p90']:.1f})"
+                     + (f", prologue {c['prologue']['median']:.1f}" if "prologue" in c else ""))
         out.append(line + "\n")
     out.append(f"  `python -IS -c pass` in the same rounds: {tp['startup_IS']['median']:.1f} ms "
                f"(p90 {tp['startup_IS']['p90']:.1f})\n")

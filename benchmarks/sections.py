@@ -416,6 +416,7 @@ def throughput(mom: Mom, node: Node, ids: Ids, n: int, mom_ms: float) -> dict:
     wall: dict = {k: [] for k in cases}
     own: dict = {k: [] for k in cases}     # without the modelled mom time
     pair: dict = {k: [] for k in cases if k != "none"}
+    pro: dict = {k: [] for k in pair}
     start: list = []
     base = mount_lines()
     for i in range(n + 2):  # two rounds unmeasured (page cache)
@@ -433,6 +434,7 @@ def throughput(mom: Mom, node: Node, ids: Ids, n: int, mom_ms: float) -> dict:
                 own[name].append(t2 - t1)
                 if hooks:
                     pair[name].append((job.pro_ns or 0) + (job.epi_ns or 0))
+                    pro[name].append(job.pro_ns or 0)
         t = spawn_time([sys.executable, "-IS", "-c", "pass"])
         if i >= 2:
             start.append(t)
@@ -447,6 +449,7 @@ def throughput(mom: Mom, node: Node, ids: Ids, n: int, mom_ms: float) -> dict:
                      "job": summary(own[name])}
         if name in pair:
             out[name]["pair"] = summary(pair[name])
+            out[name]["prologue"] = summary(pro[name])
     for name in pair:
         out[name]["ratio"] = round(out["none"]["total_s"] / out[name]["total_s"], 3)
         out[name]["own_ratio"] = round(out["none"]["own_total_s"] / out[name]["own_total_s"], 3)

@@ -385,7 +385,7 @@ def check(cfg_path: str) -> int:
     elif cfg.job_starter:
         print(f"job starter {cfg.job_starter} (-nnp in stages), in {cfg.pbs_home}"
               "/mom_priv/config: OK")
-    from .hookd import check_config
+    from .hookproto import check_config
     try:
         line = check_config(cfg)
         print(f"{line}: OK" if line else "hook server: no (hook_server = no: the Python hooks)")

@@ -16,9 +16,7 @@ it had done is journaled, and the epilogue or the reconciler finishes it, as aft
 Python hook killed by the alarm. A daemon that stops leaves running workers alone: they
 still answer (each holds its own connection).
 
-Wire format (one request per connection, client to server): ``PCH1``, a native u32
-length, then that many bytes of NUL-terminated strings: umask (octal), argc, argv...,
-envc, env...; fds 0, 1, 2 and the cwd ride on the first bytes (SCM_RIGHTS).
+The wire format is hookproto.py's.
 """
 from __future__ import annotations
 
@@ -28,31 +26,25 @@ import select
 import signal
 import socket
 import stat
-import struct
 import sys
 
 from . import config as config_mod
-from . import log
-from .errors import ConfigError, UnsafePathError, UserError
+from . import early, log
+from .errors import UnsafePathError, UserError
+from .hookproto import (FALLBACK, HEADER, HOOK_NAMES, MAGIC, MAX_REQUEST, NFDS, PING,
+                        decode_request, peer)
 from .paths import resolve_admin_path
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import NoReturn, Optional, Sequence
+    from typing import NoReturn, Optional
 
-__all__ = ["HOOK_NAMES", "serve", "ping", "encode_request", "decode_request"]
+__all__ = ["serve"]
 
 logger = log.get_logger("pbs_chroot.hookd")
 
-MAGIC = b"PCH1"
-_HEADER = struct.Struct("=4sI")
-_MAX_REQUEST = 1 << 20
-_NFDS = 4                   # stdin, stdout, stderr, cwd
 _REQUEST_TIMEOUT = 10.0     # a client sends its request at once: a slow one is broken
 _MAX_WORKERS = 512          # beyond: the client runs the Python hook itself
-HOOK_NAMES = ("prologue", "epilogue", "prologue.parallel", "epilogue.parallel")
-PING = "ping"
-FALLBACK = b"F\n"
 # What the hooks import on their way (most of it lazily): the workers start with it loaded.
 _PRELOAD = ("hooks", "lifecycle", "gate", "jobinfo", "stage", "mounts", "mountpoints",
             "identity", "homes", "early", "cgroups", "shells", "userfile", "accounting",
@@ -70,7 +62,7 @@ def serve(config_path: str, pbsnodes: str, syslog: str) -> int:
     _preload()
     lock, listener = _listen(cfg.hook_server)
     server = _Server(listener, lock, (config_path, pbsnodes, syslog),
-                     _start_warmer() if cfg.cgroups else None)
+                     early.start_warmer() if cfg.cgroups else None)
     logger.info("serving the hooks on %s (config %s)", cfg.hook_server, config_path)
     server.run()
     logger.info("stopped; %d worker(s) still running finish on their own",
@@ -128,72 +120,6 @@ def _listen(path: str) -> tuple[int, socket.socket]:
     listener.listen(128)
     listener.setblocking(False)
     return lock, listener
-
-
-def _start_warmer() -> Optional[tuple[int, int]]:
-    """(pid, pipe) of a child that, poked at each accepted connection, writes its own pid
-    into the cgroup.procs of the cgroup it is in (a move to where it is: nothing changes).
-
-    Why: a prologue's move of the job process into its cgroup takes the kernel's
-    cgroup_threadgroup_rwsem for writing, and the first writer after a quiet spell waits
-    for an RCU grace period (early.py: 5-8 ms idle, more under load). This write starts
-    that grace period when the request arrives, not 2-4 ms later when the worker has
-    forked, read the config and made the job's cgroup: the worker's move then waits only
-    for the rest of it (rcu_sync: writers that come while one waits share its period).
-    """
-    from . import cgroups
-    from .errors import CgroupError
-    try:
-        layout = cgroups.detect()
-        with open("/proc/self/cgroup") as f:
-            lines = f.read().splitlines()
-    except (OSError, CgroupError):
-        return None
-    path = None
-    for line in lines:
-        _, ctrls, where = (line.split(":", 2) + ["", ""])[:3]
-        mounts = [layout.v2] if layout.version == 2 and not ctrls else [
-            layout.v1.get(c) for c in ctrls.split(",")] if layout.version == 1 else []
-        for top in mounts:
-            if top and where.startswith("/") and "/.." not in where + "/":
-                path = os.path.join(top, where.lstrip("/"), "cgroup.procs")
-                break
-        if path:
-            break
-    if path is None:
-        return None
-    r, w = os.pipe2(os.O_CLOEXEC)
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            os.closerange(3, r)  # the listener and the lock are the daemon's alone
-            os.closerange(r + 1, 1 << 16)
-            _warm(r, path)
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(r)
-    os.set_blocking(w, False)
-    return pid, w
-
-
-def _warm(r: int, path: str) -> None:
-    """The warmer's loop: one write per batch of pokes, until the daemon closes the pipe."""
-    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-    me = str(os.getpid()).encode()
-    while os.read(r, 4096):
-        try:
-            os.write(fd, me)
-        except OSError:
-            pass
-
-
-def _peer(conn: socket.socket) -> tuple[int, int]:
-    """(pid, uid) of the process at the other end, as the kernel saw it at connect(2)."""
-    pid, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                                         12))
-    return pid, uid
 
 
 class _Server:
@@ -258,7 +184,7 @@ class _Server:
         except OSError as e:  # EMFILE and the like: the client sees EOF before sending
             logger.error("can't accept a connection: %s", e.strerror)
             return
-        client, uid = _peer(conn)
+        client, uid = peer(conn)
         if uid != 0:
             logger.warning("refused a connection from uid %d (pid %d): the hook server "
                            "serves root (pbs_mom) only", uid, client)
@@ -456,9 +382,9 @@ def _receive(conn: socket.socket) -> tuple[list[str], dict[str, str], int, list[
     """One request: argv, environment, umask and the four fds (ValueError if malformed)."""
     fds: list[int] = []
     head = b""
-    while len(head) < _HEADER.size:
+    while len(head) < HEADER.size:
         data, ancdata, _flags, _addr = conn.recvmsg(
-            _HEADER.size - len(head), socket.CMSG_SPACE(_NFDS * 4))
+            HEADER.size - len(head), socket.CMSG_SPACE(NFDS * 4))
         for level, kind, blob in ancdata:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 got = array.array("i")
@@ -468,13 +394,13 @@ def _receive(conn: socket.socket) -> tuple[list[str], dict[str, str], int, list[
             break
         head += data
     try:
-        if len(head) < _HEADER.size:
+        if len(head) < HEADER.size:
             raise ValueError("connection closed before the request")
-        magic, length = _HEADER.unpack(head)
-        if magic != MAGIC or length > _MAX_REQUEST:
+        magic, length = HEADER.unpack(head)
+        if magic != MAGIC or length > MAX_REQUEST:
             raise ValueError(f"not a request of this version ({magic!r}, {length} bytes)")
-        if len(fds) != _NFDS:
-            raise ValueError(f"{len(fds)} file descriptors, want {_NFDS}")
+        if len(fds) != NFDS:
+            raise ValueError(f"{len(fds)} file descriptors, want {NFDS}")
         body = b""
         while len(body) < length:
             chunk = conn.recv(length - len(body))
@@ -487,37 +413,6 @@ def _receive(conn: socket.socket) -> tuple[list[str], dict[str, str], int, list[
             os.close(fd)
         raise
     return argv, env, umask, fds
-
-
-def encode_request(argv: Sequence[str], env: dict[str, str], umask: int) -> bytes:
-    """Header and body of a request (the fds go beside it): what hookclient.c sends."""
-    words = [f"{umask:o}", str(len(argv)), *argv, str(len(env)),
-             *(f"{k}={v}" for k, v in env.items())]
-    body = b"".join(os.fsencode(w) + b"\0" for w in words)
-    return _HEADER.pack(MAGIC, len(body)) + body
-
-
-def decode_request(body: bytes) -> tuple[list[str], dict[str, str], int]:
-    """argv, environment and umask of a request's body (ValueError if malformed)."""
-    words = body.split(b"\0")
-    if not words or words.pop() != b"":
-        raise ValueError("request body not NUL-terminated")
-    try:
-        umask = int(words[0], 8)
-        argc = int(words[1])
-        argv = [os.fsdecode(w) for w in words[2:2 + argc]]
-        envc = int(words[2 + argc])
-        pairs = words[3 + argc:]
-    except (IndexError, ValueError):
-        raise ValueError("malformed request body") from None
-    if len(argv) != argc or len(pairs) != envc or not 0 <= umask <= 0o777:
-        raise ValueError("request counts do not match")
-    env: dict[str, str] = {}
-    for pair in pairs:
-        key, sep, value = os.fsdecode(pair).partition("=")
-        if sep and key:
-            env[key] = value
-    return argv, env, umask
 
 
 def _parent_of(pid: int) -> Optional[int]:
@@ -542,43 +437,3 @@ def _close_quietly(fd: int) -> None:
         os.close(fd)
     except OSError:
         pass
-
-
-def ping(path: str, timeout: float = 5.0) -> str:
-    """'' if the hook server at ``path`` answers a request (a worker forked, read it and
-    replied), else why not. Run as root by `pbs-chroot check` and `selftest`."""
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(timeout)
-            s.connect(path)
-            pid, uid = _peer(s)
-            if uid != 0:
-                return f"the process listening on {path} (pid {pid}) is not root's"
-            cwd = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            try:
-                fds = array.array("i", [0, 1, 2, cwd])
-                s.sendmsg([encode_request([PING], {}, 0o022)],
-                          [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds.tobytes())])
-            finally:
-                os.close(cwd)
-            reply = b""
-            while not reply.endswith(b"\n"):
-                chunk = s.recv(16)
-                if not chunk:
-                    break
-                reply += chunk
-    except OSError as e:
-        return f"{path}: {e.strerror or e}"
-    return "" if reply == b"R0\n" else f"{path}: unexpected answer {reply!r}"
-
-
-def check_config(cfg: config_mod.Config) -> str:
-    """What check/selftest say of the hook server ('' when hook_server = no)."""
-    if not cfg.hook_server:
-        return ""
-    problem = ping(cfg.hook_server)
-    if problem:
-        raise ConfigError(f"hook server not answering: {problem} (the C hooks run the Python "
-                          "hooks instead: every job is still checked, at the old cost; "
-                          "systemctl start pbs-chroot-hookd)")
-    return f"hook server {cfg.hook_server}: answers"

@@ -16,7 +16,7 @@ from typing import Iterator, Optional
 
 import pytest
 
-from pbs_chroot import hookd
+from pbs_chroot import hookproto as hookd
 from tests import fakes
 from tests.conftest import (CG_PARENT, PROBE, UID, USER, Node, Site, Syslog, home_of,
                             mount_points, pbs_chroot_cli, starter_dir)
