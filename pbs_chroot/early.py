@@ -13,9 +13,6 @@ anything else fails, ``detach`` moves it back into the very cgroups it came
 from (read from /proc/PID/cgroup before the move), so the job's cgroup can be
 removed and a refused job is never left in one. Trusts /proc and the cgroup
 mounts found by cgroups.detect.
-
-start_warmer() is the hook server's (hookd.py, root): it starts that grace period as a
-request arrives.
 """
 from __future__ import annotations
 
@@ -29,7 +26,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Optional
 
-__all__ = ["EarlyAttach", "origin_dirs", "start_warmer"]
+__all__ = ["EarlyAttach", "origin_dirs"]
 
 
 def origin_dirs(cg: JobCgroup, layout: Layout, pid: int) -> Optional[list[str]]:
@@ -106,61 +103,3 @@ class EarlyAttach:
             except CgroupError:
                 if os.path.exists(f"/proc/{self.pid}"):
                     raise
-
-
-def start_warmer() -> Optional[tuple[int, int]]:
-    """(pid, pipe) of a child that, poked at each accepted connection, writes its own pid
-    into the cgroup.procs of the cgroup it is in (a move to where it is: nothing changes).
-
-    Why: a prologue's move of the job process into its cgroup takes the kernel's
-    cgroup_threadgroup_rwsem for writing, and the first writer after a quiet spell waits
-    for an RCU grace period (early.py: 5-8 ms idle, more under load). This write starts
-    that grace period when the request arrives, not 2-4 ms later when the worker has
-    forked, read the config and made the job's cgroup: the worker's move then waits only
-    for the rest of it (rcu_sync: writers that come while one waits share its period).
-    """
-    from . import cgroups
-    try:
-        layout = cgroups.detect()
-        with open("/proc/self/cgroup") as f:
-            lines = f.read().splitlines()
-    except (OSError, CgroupError):
-        return None
-    path = None
-    for line in lines:
-        _, ctrls, where = (line.split(":", 2) + ["", ""])[:3]
-        mounts = [layout.v2] if layout.version == 2 and not ctrls else [
-            layout.v1.get(c) for c in ctrls.split(",")] if layout.version == 1 else []
-        for top in mounts:
-            if top and where.startswith("/") and "/.." not in where + "/":
-                path = os.path.join(top, where.lstrip("/"), "cgroup.procs")
-                break
-        if path:
-            break
-    if path is None:
-        return None
-    r, w = os.pipe2(os.O_CLOEXEC)
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            os.closerange(3, r)  # the listener and the lock are the daemon's alone
-            os.closerange(r + 1, 1 << 16)
-            _warm(r, path)
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(r)
-    os.set_blocking(w, False)
-    return pid, w
-
-
-def _warm(r: int, path: str) -> None:
-    """The warmer's loop: one write per batch of pokes, until the daemon closes the pipe."""
-    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-    me = str(os.getpid()).encode()
-    while os.read(r, 4096):
-        try:
-            os.write(fd, me)
-        except OSError:
-            pass

@@ -29,7 +29,7 @@ import stat
 import sys
 
 from . import config as config_mod
-from . import early, log
+from . import log
 from .errors import UnsafePathError, UserError
 from .hookproto import (FALLBACK, HEADER, HOOK_NAMES, MAGIC, MAX_REQUEST, NFDS, PING,
                         decode_request, peer)
@@ -61,8 +61,7 @@ def serve(config_path: str, pbsnodes: str, syslog: str) -> int:
     log.use_socket(cfg.syslog_socket)
     _preload()
     lock, listener = _listen(cfg.hook_server)
-    server = _Server(listener, lock, (config_path, pbsnodes, syslog),
-                     early.start_warmer() if cfg.cgroups else None)
+    server = _Server(listener, lock, (config_path, pbsnodes, syslog))
     logger.info("serving the hooks on %s (config %s)", cfg.hook_server, config_path)
     server.run()
     logger.info("stopped; %d worker(s) still running finish on their own",
@@ -125,10 +124,9 @@ def _listen(path: str) -> tuple[int, socket.socket]:
 class _Server:
     """Accept, fork a worker per request, reap; kill a worker whose client went away."""
 
-    def __init__(self, listener: socket.socket, lock: int, hook_args: tuple[str, str, str],
-                 warmer: Optional[tuple[int, int]] = None) -> None:
+    def __init__(self, listener: socket.socket, lock: int, hook_args: tuple[str, str, str]
+                 ) -> None:
         self.listener = listener
-        self.warmer = warmer
         self.lock = lock
         self.hook_args = hook_args
         self.workers: dict[int, tuple[socket.socket, int]] = {}  # pid -> (conn, client pid)
@@ -162,12 +160,6 @@ class _Server:
             except OSError:
                 pass
             self.listener.close()
-            if self.warmer is not None:
-                os.close(self.warmer[1])  # it sees EOF and exits
-                try:
-                    os.waitpid(self.warmer[0], 0)
-                except ChildProcessError:
-                    pass
 
     def _drain_wakeups(self) -> None:
         try:
@@ -195,11 +187,6 @@ class _Server:
                          len(self.workers), client)
             self._fallback(conn)
             return
-        if self.warmer is not None:
-            try:
-                os.write(self.warmer[1], b".")
-            except OSError:  # full (it is busy warming: as good) or gone
-                pass
         sys.stdout.flush()
         sys.stderr.flush()
         try:
@@ -242,7 +229,7 @@ class _Server:
                     pass
 
     def _reap(self) -> None:
-        while self.workers or self.warmer is not None:
+        while self.workers:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
@@ -253,12 +240,7 @@ class _Server:
             if conn is not None and self.by_fd.pop(conn.fileno(), None) is not None:
                 self.poller.unregister(conn.fileno())
                 conn.close()  # the client sees EOF now, if the worker never answered
-            if self.warmer is not None and pid == self.warmer[0]:
-                logger.warning("the RCU warmer %d exited (status %d): requests go on without",
-                               pid, status)
-                os.close(self.warmer[1])
-                self.warmer = None
-            elif os.WIFSIGNALED(status):
+            if os.WIFSIGNALED(status):
                 logger.warning("worker %d (client %d) was killed by signal %d", pid, client,
                                os.WTERMSIG(status))
 
@@ -273,8 +255,7 @@ class _Server:
             self.listener.close()
             for other, _ in self.workers.values():
                 other.close()  # another client's connection must close when its worker dies
-            for fd in (self.wake_r, self.wake_w, self.lock) + (
-                    (self.warmer[1],) if self.warmer is not None else ()):
+            for fd in (self.wake_r, self.wake_w, self.lock):
                 os.close(fd)
             cfd = conn.fileno()
             # Nothing the hook forks (a task adopter, a teardown worker) may hold the

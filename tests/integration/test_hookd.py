@@ -80,7 +80,7 @@ class HookdNode(Node):
             assert self.proc.poll() is None, self.proc.stderr.read().decode()  # type: ignore
             assert time.monotonic() < deadline, "hookd did not answer within 30 s"
             time.sleep(0.05)
-        self.helpers = set(_children(self.proc.pid))  # the RCU warmer: not a worker
+        self.helpers = set(_children(self.proc.pid))  # (a ping's worker, exiting)
         self.workers_seen.update((pid, _starttime(pid)) for pid in self.helpers)
 
     def workers(self) -> list[int]:
