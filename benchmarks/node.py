@@ -271,7 +271,7 @@ class Node:
         self.hookd_on = True
         self.write_config()
         client = hookinstall.build(str(self.hookd_sock), str(self.mom_priv),
-                                   str(self.root / "log.sock"))
+                                   str(self.root / "log.sock"), hookinstall.kick_target())
         self.served.mkdir(mode=0o755)
         for name in ("prologue", "epilogue"):
             fd = os.open(self.served / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o500)

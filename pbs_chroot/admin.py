@@ -113,7 +113,8 @@ def install(pbs_home: str, config: str, pbsnodes: str, python: str, force: bool,
         starter.install(job_starter, starters, login)
         changed = starter.set_mom_config(pbs_home, job_starter, force)
     server = cfg.hook_server if cfg is not None else ""
-    client = hookinstall.build(server, mom_priv, syslog) if server else None
+    client = hookinstall.build(server, mom_priv, syslog, hookinstall.kick_target()
+                               if cfg is not None and cfg.cgroups else None) if server else None
     for name in HOOKS:
         path = os.path.join(mom_priv, name)
         text = render_hook(name, python, config, pbsnodes, libdir, syslog)

@@ -14,7 +14,11 @@ import tempfile
 
 from .errors import UserError
 
-__all__ = ["SOURCE", "MARKER", "build", "is_client", "python_path"]
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Optional
+
+__all__ = ["SOURCE", "MARKER", "build", "kick_target", "is_client", "python_path"]
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "starter", "hook_client.c")
 MARKER = b"pbs_chroot hook client 1"
@@ -26,16 +30,20 @@ def python_path(hook: str) -> str:
     return hook + ".py"
 
 
-def build(socket_path: str, hook_dir: str, syslog: str) -> bytes:
+def build(socket_path: str, hook_dir: str, syslog: str,
+          kick: Optional[tuple[str, str]] = None) -> bytes:
     """The client, compiled static with these paths; its bytes (UserError without a
-    compiler and a static libc)."""
-    for value in (socket_path, hook_dir, syslog):
+    compiler and a static libc). kick: (mount point, controller) of the cgroup hierarchy
+    the prologue's client starts the attach's RCU grace period in (kick_target)."""
+    for value in (socket_path, hook_dir, syslog) + (kick[:1] if kick else ()):
         if not value.startswith("/") or not value.isprintable() or '"' in value \
                 or "\\" in value:
             raise UserError(f"can't build the hook client: {value!r} must be an absolute, "
                             "plain path")
     flags = [f'-DSOCKET_PATH="{socket_path}"', f'-DHOOK_DIR="{hook_dir}"',
              f'-DSYSLOG_PATH="{syslog}"']
+    if kick and (kick[1] == "" or kick[1].replace("_", "").isalnum()):
+        flags += [f'-DKICK_MOUNT="{kick[0]}"', f'-DKICK_CTRL="{kick[1]}"']
     err = "no C compiler found"
     with tempfile.TemporaryDirectory(prefix="pbs_chroot-hookclient.") as tmp:
         out = os.path.join(tmp, "hook_client")
@@ -56,6 +64,23 @@ def build(socket_path: str, hook_dir: str, syslog: str) -> bytes:
         raise UserError(f"can't build the hook client ({err}): hook_server needs a C compiler "
                         "and a static libc (Debian: gcc libc6-dev; EL: gcc glibc-static), or "
                         "set hook_server = no")
+
+
+def kick_target() -> Optional[tuple[str, str]]:
+    """(mount point, controller; '' for v2) of a cgroup hierarchy of this node's: where the
+    prologue's client writes itself into its own cgroup (hook_client.c, kick)."""
+    from . import cgroups
+    from .errors import CgroupError
+    try:
+        layout = cgroups.detect()
+    except CgroupError:
+        return None
+    if layout.version == 2:
+        return (layout.v2, "") if layout.v2 else None
+    for ctrl in ("pids", *sorted(layout.v1)):
+        if ctrl in layout.v1:
+            return layout.v1[ctrl], ctrl
+    return None
 
 
 def is_client(path: str) -> bool:

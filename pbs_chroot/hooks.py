@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from typing import Callable, Optional, Sequence
 
     from .config import Config, Image
-    from .jobinfo import JobVariables
+    from .jobinfo import JobVariables, PendingRead
 
 __all__ = ["prologue_main", "epilogue_main", "run_main", "offline_node", "is_parallel", "LOST"]
 
@@ -87,16 +87,28 @@ def _prologue(cfg: Config, argv: Sequence[str], parent: Optional[int]) -> None:
     ppid = parent if parent is not None else os.getppid()
     pid = _future_job_process(argv[0], ppid)
     spawner = _task_spawner(argv[0], pid, ppid)
+    from . import jobinfo  # the prologue's only: the epilogue need not load it
+    # The server query runs from now on, beside the record and the cgroup's set-up.
+    pending = jobinfo.PendingRead(job.job_id, cfg.job_info, cfg.qstat, cfg.job_info_timeout)
+    try:
+        _start(cfg, job, argv[0], pid, spawner, pending)
+    finally:
+        pending.cancel()  # (a qstat not waited for: the set-up failed first)
+
+
+def _start(cfg: Config, job: lifecycle.Job, argv0: str, pid: Optional[int],
+           spawner: Optional[int], pending: PendingRead) -> None:
+    """Check the request and start the job: its record, cgroup, stage, attach."""
     if cfg.cgroups and cfg.early_attach and pid is not None:
         # The server query overlaps the move into the cgroup (early.py); a refusal
         # undoes the job's start, moving the process back out first.
         ensure_layout(cfg.state_dir)
         chosen: list[Optional[str]] = []
         version = lifecycle.start_job(cfg, job, None, pid, spawner,
-                                      lambda: _checked(cfg, job, argv[0], chosen))
+                                      lambda: _checked(cfg, job, argv0, chosen, pending))
         image = chosen[0] if chosen else None
     else:
-        image = _checked(cfg, job, argv[0], [])
+        image = _checked(cfg, job, argv0, [], pending)
         if image is None and not cfg.cgroups:
             return
         ensure_layout(cfg.state_dir)
@@ -106,14 +118,13 @@ def _prologue(cfg: Config, argv: Sequence[str], parent: Optional[int]) -> None:
                     job.job_id, job.user, job.queue, image, version)
 
 
-def _checked(cfg: Config, job: lifecycle.Job, argv0: str,
-             chosen: list[Optional[str]]) -> Optional[str]:
+def _checked(cfg: Config, job: lifecycle.Job, argv0: str, chosen: list[Optional[str]],
+             pending: PendingRead) -> Optional[str]:
     """The allowlisted path the job asks for (None: no image), read from the server and
     checked, with its shell; UserError if refused, after telling the user in the job's
     error file. Also appended to ``chosen``."""
-    from . import jobinfo  # the prologue's only: the epilogue need not load it
-    variables = jobinfo.read_variables(job.job_id, source=cfg.job_info, qstat=cfg.qstat,
-                                       timeout=cfg.job_info_timeout)
+    from . import jobinfo
+    variables = pending.result()
     sister = is_parallel(argv0)
     try:
         image = gate.check_request(variables.entries, jobinfo.lossy_names(variables.raw), cfg,

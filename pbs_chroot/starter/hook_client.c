@@ -22,6 +22,8 @@
  *     it.  The epilogue is idempotent: it execs NAME.py, which runs it again.
  *   - pbs_mom takes a hook killed by a signal for a success, so this process
  *     asks the OOM killer to spare it and ignores SIGPIPE.
+ * The prologue's client also starts the kernel's RCU grace period that moving
+ * the job process into its cgroup waits for (kick(), below), before anything else.
  * Exit codes: the server's; 2 if even the Python hook cannot be run.
  */
 #define _GNU_SOURCE
@@ -81,6 +83,53 @@ static void note(const char *name, const char *what, int err)
     (void)sendto(s, msg, (size_t)n < sizeof msg ? (size_t)n : sizeof msg - 1,
                  MSG_DONTWAIT | MSG_NOSIGNAL, (struct sockaddr *)&addr, sizeof addr);
     close(s);
+}
+
+/*
+ * Moving a process between cgroups (the prologue's attach of the job process)
+ * takes the kernel's cgroup_threadgroup_rwsem for writing, and the first writer
+ * after a quiet spell waits for an RCU grace period (5-20 ms; writers that come
+ * while it lasts, or shortly after, do not wait).  A forked child starts it now,
+ * by writing itself into the cgroup it is in (KICK_MOUNT, hierarchy KICK_CTRL:
+ * a move to where it is, which changes nothing), so the worker's attach a few
+ * ms later finds it mostly or wholly over.  Best effort: any failure is silent.
+ */
+static void kick(void)
+{
+#ifdef KICK_MOUNT
+    pid_t pid = fork();
+    if (pid != 0)
+        return;
+    char buf[4096], path[4096], me[32];
+    int fd = open("/proc/self/cgroup", O_RDONLY | O_CLOEXEC);
+    ssize_t n = fd >= 0 ? read(fd, buf, sizeof buf - 1) : -1;
+    if (n <= 0)
+        _exit(0);
+    buf[n] = '\0';
+    for (char *line = strtok(buf, "\n"); line != NULL; line = strtok(NULL, "\n")) {
+        char *ctrls = strchr(line, ':'), *where = ctrls ? strchr(ctrls + 1, ':') : NULL;
+        if (where == NULL || where[1] != '/')
+            continue;
+        *where = '\0';
+        int match = KICK_CTRL[0] == '\0' ? ctrls[1] == '\0' : 0;
+        char *save = NULL;
+        for (char *c = strtok_r(ctrls + 1, ",", &save); !match && c != NULL;
+             c = strtok_r(NULL, ",", &save))
+            match = strcmp(c, KICK_CTRL) == 0;
+        if (!match || strstr(where + 1, "/..") != NULL)
+            continue;
+        if ((size_t)snprintf(path, sizeof path, "%s%s/cgroup.procs", KICK_MOUNT,
+                             strcmp(where + 1, "/") == 0 ? "" : where + 1) >= sizeof path)
+            break;
+        int out = open(path, O_WRONLY | O_CLOEXEC);
+        if (out >= 0) {
+            int len = snprintf(me, sizeof me, "%d", (int)getpid());
+            (void)!write(out, me, (size_t)len);
+        }
+        break;
+    }
+    _exit(0);
+#endif
 }
 
 /* The Python hook beside this one: the whole job, without the server. */
@@ -207,6 +256,8 @@ int main(int argc, char **argv)
         return 2;
     }
     int lost_is_fault = strncmp(name, "prologue", 8) == 0;
+    if (strcmp(name, "prologue") == 0)
+        kick();
 
     int s = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
     struct sockaddr_un addr = { .sun_family = AF_UNIX };
