@@ -170,6 +170,7 @@ def _child(plan: dict) -> dict:
         res["throughput"] = sections.throughput(mom, node, ids, tn, plan["mom_ms"])
         _say(f"warm hook pair vs python -IS -c pass x{min(tn, 100)}")
         res["warm_pair"] = sections.warm_pair(mom, node, ids, min(tn, 100))
+        sections.settle(node, 60)  # the holder's stage, torn down after any stage_grace
         if plan["only"] == "throughput":
             res["namespace"] = _namespace_check(node, base_mounts)
             return res

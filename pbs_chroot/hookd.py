@@ -279,7 +279,7 @@ def _worker(conn: socket.socket, client: int, hook_args: tuple[str, str, str]) -
         argv, env, umask, fds = _receive(conn)
     except (OSError, ValueError) as e:
         logger.error("bad request from client %d: %s", client, e)
-        conn.sendall(FALLBACK)  # nothing was done: the client runs the Python hook
+        _reply(conn, FALLBACK)  # nothing was done: the client runs the Python hook
         return
     name = os.path.basename(argv[0]) if argv else ""
     if name == PING or name not in HOOK_NAMES:
@@ -288,7 +288,7 @@ def _worker(conn: socket.socket, client: int, hook_args: tuple[str, str, str]) -
         if name != PING:
             logger.error("client %d asked for hook %r: not one of %s", client, name,
                          ", ".join(HOOK_NAMES))
-        conn.sendall(b"R0\n" if name == PING else FALLBACK)
+        _reply(conn, b"R0\n" if name == PING else FALLBACK)
         return
     parent = _parent_of(client)
     if parent is None:
@@ -309,8 +309,7 @@ def _worker(conn: socket.socket, client: int, hook_args: tuple[str, str, str]) -
                 stream.flush()
             except OSError:
                 pass
-        _mark_answered()  # before the answer: the client may exit at once
-        conn.sendall(f"R{code}\n".encode())
+        _reply(conn, f"R{code}\n".encode())
         null = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):
             os.dup2(null, fd)
@@ -326,6 +325,13 @@ def _worker(conn: socket.socket, client: int, hook_args: tuple[str, str, str]) -
 
 
 _ANSWERED = "hookd-answered"  # a worker's name (/proc/PID/comm) once it has answered
+
+
+def _reply(conn: socket.socket, data: bytes) -> None:
+    """Send the one answer, marked first: the client may exit at once, and the daemon must
+    not take that for a client gone before its answer."""
+    _mark_answered()
+    conn.sendall(data)
 
 
 def _mark_answered() -> None:

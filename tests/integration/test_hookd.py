@@ -196,6 +196,8 @@ def test_whole_lifecycle_through_the_server(hnode: HookdNode) -> None:
     assert hnode.offline_calls() == [] and hnode.fallback_lines() == []
     assert any(f"job {job.job_id}" in line and "runs in image" in line
                for line in hnode.syslog.lines())
+    # No worker was killed for a client that left after its answer (pings included).
+    assert not any("went away" in line for line in hnode.syslog.lines())
 
 
 def test_refusal_reaches_the_job_error_file(hnode: HookdNode) -> None:
