@@ -113,19 +113,9 @@ def install(pbs_home: str, config: str, pbsnodes: str, python: str, force: bool,
         starter.install(job_starter, starters, login)
         changed = starter.set_mom_config(pbs_home, job_starter, force)
     server = cfg.hook_server if cfg is not None else ""
-    client = hookinstall.build(server, mom_priv, syslog, hookinstall.kick_target()
-                               if cfg is not None and cfg.cgroups else None) if server else None
-    for name in HOOKS:
-        path = os.path.join(mom_priv, name)
-        text = render_hook(name, python, config, pbsnodes, libdir, syslog)
-        beside = hookinstall.python_path(path)
-        if client is not None:  # the Python hook first: the client runs it if need be
-            _write_root_file(beside, text)
-            _write_root_file(path, client)
-        else:
-            _write_root_file(path, text)
-            if os.path.lexists(beside) and _MARKER in read_head(beside):
-                os.unlink(beside)  # hook_server was on before
+    _write_hooks(mom_priv, server, cfg is not None and cfg.cgroups,
+                 [render_hook(name, python, config, pbsnodes, libdir, syslog) for name in HOOKS],
+                 syslog)
     if cfg is not None:
         ensure_layout(cfg.state_dir)
     note = (f"# Job starters installed: {job_starter} (pass-through, on the host) and "
@@ -140,6 +130,25 @@ def install(pbs_home: str, config: str, pbsnodes: str, python: str, force: bool,
                  "beside them as NAME.py;\n# start the server before pbs_mom: systemctl "
                  "enable --now pbs-chroot-hookd (examples/).")
     return MOM_CONFIG_ADVICE.format(mom_priv=mom_priv, starter=note)
+
+
+def _write_hooks(mom_priv: str, server: str, cgroups: bool, texts: list[str],
+                 syslog: str) -> None:
+    """The Python hooks as the hooks; or, with a hook server, its C clients as the hooks
+    and the Python hooks beside them as NAME.py (which the clients fall back to)."""
+    from . import hookinstall
+    client = hookinstall.build(server, mom_priv, syslog, hookinstall.kick_target()
+                               if cgroups else None) if server else None
+    for name, text in zip(HOOKS, texts):
+        path = os.path.join(mom_priv, name)
+        beside = hookinstall.python_path(path)
+        if client is not None:  # the Python hook first: the client runs it if need be
+            _write_root_file(beside, text)
+            _write_root_file(path, client)
+        else:
+            _write_root_file(path, text)
+            if os.path.lexists(beside) and _MARKER in read_head(beside):
+                os.unlink(beside)  # hook_server was on before
 
 
 def _write_root_file(path: str, content: Union[str, bytes]) -> None:

@@ -296,32 +296,39 @@ def _worker(conn: socket.socket, client: int, hook_args: tuple[str, str, str]) -
     _become_client(fds, umask, env)
     from . import hooks
     config_path, pbsnodes, syslog = hook_args
-    answered: list[int] = []
+    answer = _Answer(conn)
+    if name.startswith("prologue"):
+        rc = hooks.prologue_main(argv, config_path, pbsnodes, syslog, parent=parent)
+    else:
+        rc = hooks.epilogue_main(argv, config_path, pbsnodes, syslog, answer=answer)
+    if answer.code is not None and rc != answer.code:
+        logger.warning("%s of %s answered %d before its end, which made it %d (see above)",
+                       name, argv[1] if len(argv) > 1 else "?", answer.code, rc)
+    answer(rc)
 
-    def answer(code: int = 0) -> None:
-        """Answer the client, once; from then on the rest of the work is this worker's own:
-        the daemon lets it finish (_ANSWERED), and nothing more goes to the job's files."""
-        if answered:
+
+class _Answer:
+    """Answer the client, once; from then on the rest of the work is the worker's own: the
+    daemon lets it finish (_ANSWERED), and nothing more goes to the job's files."""
+
+    def __init__(self, conn: socket.socket) -> None:
+        self.conn = conn
+        self.code: Optional[int] = None
+
+    def __call__(self, code: int = 0) -> None:
+        if self.code is not None:
             return
-        answered.append(code)
+        self.code = code
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()
             except OSError:
                 pass
-        _reply(conn, f"R{code}\n".encode())
+        _reply(self.conn, f"R{code}\n".encode())
         null = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):
             os.dup2(null, fd)
         os.close(null)
-    if name.startswith("prologue"):
-        rc = hooks.prologue_main(argv, config_path, pbsnodes, syslog, parent=parent)
-    else:
-        rc = hooks.epilogue_main(argv, config_path, pbsnodes, syslog, answer=answer)
-    if answered and rc != answered[0]:
-        logger.warning("%s of %s answered %d before its end, which made it %d (see above)",
-                       name, argv[1] if len(argv) > 1 else "?", answered[0], rc)
-    answer(rc)
 
 
 _ANSWERED = "hookd-answered"  # a worker's name (/proc/PID/comm) once it has answered
