@@ -1,4 +1,6 @@
 """The hook server's wire format and its config setting (no root needed)."""
+import os
+
 import pytest
 
 from pbs_chroot import config, hookproto
@@ -50,3 +52,16 @@ def test_bad_hook_server_paths_are_refused(value: str) -> None:
     ("/m/prologue.parallel.py", True), ("/m/epilogue.parallel", True)])
 def test_sister_hooks_are_told_by_name(argv0: str, sister: bool) -> None:
     assert is_parallel(argv0) == sister
+
+
+def test_the_job_process_is_the_given_parent() -> None:
+    """The hook server's worker passes its client's parent: the hooks use it, not their own
+    parent (hooks.prologue_main(parent=...))."""
+    from pbs_chroot import hooks
+    me = os.getpid()  # a parent whose own parent is not init: a "job child"
+    assert hooks._future_job_process("/m/prologue", me) == me
+    assert hooks._future_job_process("/m/prologue.parallel", me) is None
+    assert hooks._future_job_process("/m/prologue", 1) is None
+    # A sister's prologue.parallel: its parent is the pbs_mom daemon, the task spawner.
+    assert hooks._task_spawner("/m/prologue.parallel.py", None, 4242) == 4242
+    assert hooks._task_spawner("/m/prologue.parallel", None, 1) is None
