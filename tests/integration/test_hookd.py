@@ -255,6 +255,13 @@ def test_worker_killed_mid_request_is_a_site_fault(hnode: HookdNode) -> None:
     running = hnode.emu.start(job)
     worker = _wait_worker(hnode)
     time.sleep(0.5)  # inside start_job: record and cgroup made, the server query running
+    # The worker holds none of the daemon's descriptors: not the lock, not the listener.
+    mine = {os.readlink(f"/proc/{worker}/fd/{fd}") for fd in os.listdir(f"/proc/{worker}/fd")}
+    theirs = {os.readlink(f"/proc/{hnode.proc.pid}/fd/{fd}")  # type: ignore[union-attr]
+              for fd in os.listdir(f"/proc/{hnode.proc.pid}/fd")}  # type: ignore[union-attr]
+    assert str(hnode.sock.parent / "lock") not in mine
+    shared = {t for t in mine & theirs if t.startswith("socket:")}
+    assert len(shared) <= 1, (mine, theirs)  # its own connection only (the daemon's copy)
     os.kill(worker, signal.SIGKILL)
     res = running.wait(60)
     assert res.prologue_rc == 2 and res.action == "requeued", res.stderr
