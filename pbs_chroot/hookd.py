@@ -4,7 +4,7 @@ Run as root by systemd before pbs_mom (examples/pbs-chroot-hookd.service), with 
 command line. Trusts its config and command line, and root clients only: its socket lives
 in a directory of root's, mode 0700, and every connection's SO_PEERCRED uid must be 0 (the
 clients are mom_priv's prologue, epilogue and *.parallel, run by pbs_mom as root:
-hookclient.c). The daemon imports the hooks' modules once; for each request it forks a
+starter/hook_client.c). The daemon imports the hooks' modules once; for each request it forks a
 worker that runs exactly the Python hook's code (hooks.prologue_main / epilogue_main) with
 the client's argv, environment, umask, cwd and stdin/stdout/stderr (received over
 SCM_RIGHTS, so messages land in the job's files), and whose parent is taken to be the
@@ -58,6 +58,7 @@ def serve(config_path: str, pbsnodes: str, syslog: str) -> int:
     if not cfg.hook_server:
         raise UserError(f"hookd: {config_path} sets hook_server = no: nothing to serve "
                         "(the hooks are the Python scripts)")
+    log.setup("pbs-chroot-hookd", syslog)  # its lines as the C clients name it
     log.use_socket(cfg.syslog_socket)
     _preload()
     lock, listener = _listen(cfg.hook_server)
@@ -176,7 +177,12 @@ class _Server:
         except OSError as e:  # EMFILE and the like: the client sees EOF before sending
             logger.error("can't accept a connection: %s", e.strerror)
             return
-        client, uid = peer(conn)
+        try:
+            client, uid = peer(conn)
+        except OSError as e:
+            logger.error("can't tell who connected: %s", e.strerror)
+            conn.close()
+            return
         if uid != 0:
             logger.warning("refused a connection from uid %d (pid %d): the hook server "
                            "serves root (pbs_mom) only", uid, client)

@@ -42,7 +42,7 @@ def peer(conn: socket.socket) -> tuple[int, int]:
 
 
 def encode_request(argv: Sequence[str], env: dict[str, str], umask: int) -> bytes:
-    """Header and body of a request (the fds go beside it): what hookclient.c sends."""
+    """Header and body of a request (the fds go beside it): what starter/hook_client.c sends."""
     words = [f"{umask:o}", str(len(argv)), *argv, str(len(env)),
              *(f"{k}={v}" for k, v in env.items())]
     body = b"".join(os.fsencode(w) + b"\0" for w in words)
