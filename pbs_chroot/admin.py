@@ -115,7 +115,7 @@ def install(pbs_home: str, config: str, pbsnodes: str, python: str, force: bool,
     server = cfg.hook_server if cfg is not None else ""
     _write_hooks(mom_priv, server, cfg is not None and cfg.cgroups,
                  [render_hook(name, python, config, pbsnodes, libdir, syslog) for name in HOOKS],
-                 syslog)
+                 syslog, starters)
     if cfg is not None:
         ensure_layout(cfg.state_dir)
     note = (f"# Job starters installed: {job_starter} (pass-through, on the host) and "
@@ -133,12 +133,14 @@ def install(pbs_home: str, config: str, pbsnodes: str, python: str, force: bool,
 
 
 def _write_hooks(mom_priv: str, server: str, cgroups: bool, texts: list[str],
-                 syslog: str) -> None:
+                 syslog: str, starters: Optional[str]) -> None:
     """The Python hooks as the hooks; or, with a hook server, its C clients as the hooks
     and the Python hooks beside them as NAME.py (which the clients fall back to)."""
     from . import hookinstall
-    client = hookinstall.build(server, mom_priv, syslog, hookinstall.kick_target()
-                               if cgroups else None) if server else None
+    client = None
+    if server:
+        client = hookinstall.prebuilt(starters, server, syslog) or hookinstall.build(
+            server, mom_priv, syslog, hookinstall.kick_target() if cgroups else None)
     for name, text in zip(HOOKS, texts):
         path = os.path.join(mom_priv, name)
         beside = hookinstall.python_path(path)

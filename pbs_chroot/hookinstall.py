@@ -18,7 +18,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Optional
 
-__all__ = ["SOURCE", "MARKER", "build", "kick_target", "is_client", "python_path"]
+__all__ = ["SOURCE", "MARKER", "build", "kick_target", "prebuilt", "is_client", "python_path"]
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "starter", "hook_client.c")
 MARKER = b"pbs_chroot hook client 1"
@@ -81,6 +81,23 @@ def kick_target() -> Optional[tuple[str, str]]:
         if ctrl in layout.v1:
             return layout.v1[ctrl], ctrl
     return None
+
+
+def prebuilt(starters: Optional[str], socket_path: str, syslog: str) -> Optional[bytes]:
+    """The client in ``starters`` (the RPM's, built with the defaults), if it serves these
+    paths: the default socket and /dev/log; else None (install compiles one)."""
+    from .config import DEFAULT_HOOK_SERVER
+    from .paths import resolve_admin_path
+    path = os.path.join(starters or "", "hook_client")
+    if not starters or not os.path.exists(path) or socket_path != DEFAULT_HOOK_SERVER \
+            or syslog != "/dev/log":
+        return None
+    resolve_admin_path(path)  # root's all the way up: it runs as root for every job
+    with open(path, "rb") as f:
+        data = f.read()
+    if not data.startswith(b"\x7fELF") or MARKER not in data:
+        raise UserError(f"can't install: {path} is not pbs_chroot's hook client")
+    return data
 
 
 def is_client(path: str) -> bool:

@@ -8,8 +8,10 @@
  * umask, and fds 0, 1, 2 and its cwd (SCM_RIGHTS) on a unix socket in a root-only
  * directory, and checks that the server is root's (SO_PEERCRED).  Built static by
  * `pbs-chroot install` with the site's paths (-DSOCKET_PATH, -DHOOK_DIR,
- * -DSYSLOG_PATH) and installed root:root 0500 under the four names; the Python
- * hooks go beside it as NAME.py.
+ * -DSYSLOG_PATH, -DKICK_*) and installed root:root 0500 under the four names; the
+ * Python hooks go beside it as NAME.py.  Built without them (the RPM's prebuilt
+ * one, for `install --starters`), it uses the default socket and /dev/log, finds
+ * NAME.py beside the path pbs_mom ran it by (absolute), and does not kick.
  *
  * Never an unchecked job:
  *   - no server (connect fails, or the listener is not root's), or the server
@@ -41,9 +43,6 @@
 
 #ifndef SOCKET_PATH
 #define SOCKET_PATH "/run/pbs_chroot/hookd/sock"
-#endif
-#ifndef HOOK_DIR
-#define HOOK_DIR "/var/spool/torque/mom_priv"
 #endif
 #ifndef SYSLOG_PATH
 #define SYSLOG_PATH "/dev/log"
@@ -136,7 +135,18 @@ static void kick(void)
 static int python_hook(const char *name, int argc, char **argv, int lost)
 {
     char path[4096];
-    if ((size_t)snprintf(path, sizeof path, "%s/%s.py", HOOK_DIR, name) >= sizeof path)
+#ifdef HOOK_DIR
+    const char *dir = HOOK_DIR;
+    int dirlen = (int)strlen(dir);
+#else
+    const char *dir = argv[0], *slash = strrchr(argv[0], '/');
+    int dirlen = slash != NULL ? (int)(slash - argv[0]) : -1;
+    if (argv[0][0] != '/' || dirlen < 0) {
+        say("not run by its absolute path: can't find the Python hook for ", name);
+        return 2;
+    }
+#endif
+    if ((size_t)snprintf(path, sizeof path, "%.*s/%s.py", dirlen, dir, name) >= sizeof path)
         return 2;
     char **args = calloc((size_t)argc + 2, sizeof *args);
     if (args == NULL)

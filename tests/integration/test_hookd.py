@@ -388,3 +388,34 @@ def _try_ping(path: str) -> str:
             return "closed" if s.recv(16) == b"" else "answered"
         except OSError as e:
             return f"closed ({e.strerror})"
+
+
+def test_install_takes_the_prebuilt_client_for_the_default_paths(
+        site: Site, syslog: Syslog, tmp_path: Path) -> None:
+    """`install --starters DIR` (the RPM's libexec) uses DIR/hook_client, built with no
+    paths baked in, when the config's socket is the default one and the syslog socket is
+    /dev/log; such a client finds NAME.py beside the path pbs_mom ran it by."""
+    starters = tmp_path / "libexec"
+    starters.mkdir(mode=0o755)
+    for name in ("job_starter", "job_starter-nnp"):
+        (starters / name).write_bytes((starter_dir() / name).read_bytes())
+        os.chmod(starters / name, 0o755)
+    from pbs_chroot import hookinstall
+    subprocess.run(["gcc", "-static", "-Os", "-s", "-o", str(starters / "hook_client"),
+                    hookinstall.SOURCE], check=True)
+    node = Node(site, syslog)
+    try:
+        node.configure("hook_server = yes")
+        res = pbs_chroot_cli("--config", str(site.config), "install", "--pbs-home",
+                             str(site.pbs_home), "--pbsnodes", str(node.emu.pbsnodes_path),
+                             "--starters", str(starters), "--syslog-socket", "/dev/log")
+        assert res.returncode == 0, res.stderr
+        mom_priv = site.pbs_home / "mom_priv"
+        assert (mom_priv / "prologue").read_bytes() == (starters / "hook_client").read_bytes()
+        if os.path.exists("/dev/log") or os.path.exists("/run/pbs_chroot"):
+            return  # the job part would log to this machine's syslog, or find a server
+        refused = node.emu.run(node.job([("PBS_O_ROOTDIR", "/tmp/x")]))  # no server: NAME.py
+        assert refused.prologue_rc == 1 and "can't use image" in refused.stderr
+        node.assert_clean()
+    finally:
+        node.emu.cleanup()
