@@ -170,6 +170,7 @@ def _child(plan: dict) -> dict:
         res["throughput"] = sections.throughput(mom, node, ids, tn, plan["mom_ms"])
         _say(f"warm hook pair vs python -IS -c pass x{min(tn, 100)}")
         res["warm_pair"] = sections.warm_pair(mom, node, ids, min(tn, 100))
+        sections.settle(node, 60)  # the holder's stage, torn down after any stage_grace
         if plan["only"] == "throughput":
             res["namespace"] = _namespace_check(node, base_mounts)
             return res
@@ -212,6 +213,7 @@ def _cleanup(node: node_mod.Node, mom: "object", res: dict) -> None:
     """Whatever is left, ours only: processes started here, job records, our cgroup parent.
     The syslog drainer is stopped whatever fails here: it holds the results pipe open."""
     try:
+        node.stop_hookd()
         if mom is not None:
             mom.kill_all()  # type: ignore[attr-defined]
         if node.state.is_dir():

@@ -18,6 +18,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -158,6 +159,14 @@ class Node:
         self.qstat = self.bin / "qstat"
         self.timeit = self.home / ".bench" / "timeit"
         self.syslog: Optional[Syslog] = None
+        # The hook server (issue 16): its socket, the C clients (built with mom_priv's
+        # Python hooks as their fallback, which are not there as NAME.py: a job the
+        # server does not serve fails the run), the daemon.
+        self.hookd_sock = root / "hookd" / "sock"
+        self.served = root / "served"
+        self.hookd: Optional[subprocess.Popen] = None
+        self.hookd_on = False  # in the config after `install` (which would put the clients in
+        #                        mom_priv): the Python hooks stay there for the other cases
         self.binds_note = "default" if self.home_on_home else f"default + {root / 'home'}"
 
     # -- set-up ---------------------------------------------------------------------------
@@ -176,6 +185,7 @@ class Node:
         self.syslog = Syslog(self.root / "log.sock")
         self.write_config()
         self._install()
+        self._start_hookd()
 
     def _users(self) -> None:
         etc = self.root / "etc"
@@ -233,7 +243,9 @@ class Node:
             f"[pbs_chroot]\nstate_dir = {self.state}\npbs_home = {self.pbs_home}\n"
             f"job_info = qstat\nqstat = {self.qstat}\nsyslog_socket = {self.root}/log.sock\n"
             f"cgroup_parent = {self.cg_parent}\naccounting_log = {self.accounting}\n"
-            f"job_starter = {self.job_starter}\n{_merged(self.settings, main)}\n"
+            f"job_starter = {self.job_starter}\n"
+            + (f"hook_server = {self.hookd_sock}\n" if self.hookd_on else "")
+            + f"{_merged(self.settings, main)}\n"
             f"[image {self.image}]\n\n{binds}")
         os.chmod(self.config, 0o644)
         # The image's mount points for this bind set, as `pbs-chroot image build` makes
@@ -252,6 +264,51 @@ class Node:
                              cwd=str(REPO))
         if res.returncode != 0:
             raise RuntimeError(f"pbs-chroot install failed: {res.stderr.strip()}")
+
+    def _start_hookd(self) -> None:
+        """The C clients as served/prologue and served/epilogue; `pbs-chroot hookd` running."""
+        from pbs_chroot import hookinstall, hookproto as hookd
+        self.hookd_on = True
+        self.write_config()
+        client = hookinstall.build(str(self.hookd_sock), str(self.mom_priv),
+                                   str(self.root / "log.sock"), hookinstall.kick_target())
+        self.served.mkdir(mode=0o755)
+        for name in ("prologue", "epilogue"):
+            fd = os.open(self.served / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o500)
+            with os.fdopen(fd, "wb") as f:
+                f.write(client)
+        self.hookd = subprocess.Popen(
+            [sys.executable, "-m", "pbs_chroot", "--config", str(self.config), "hookd",
+             "--pbsnodes", str(self.bin / "pbsnodes"), "--syslog-socket",
+             str(self.root / "log.sock")], cwd=str(REPO), stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, start_new_session=True)
+        for _ in range(600):
+            if not hookd.ping(str(self.hookd_sock), 2.0):
+                return
+            if self.hookd.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise RuntimeError(f"pbs-chroot hookd did not answer on {self.hookd_sock}")
+
+    def stop_hookd(self) -> None:
+        """SIGTERM the daemon (by pid) and reap it; its workers end with their requests."""
+        if self.hookd is None:
+            return
+        self.hookd.terminate()
+        try:
+            self.hookd.wait(10)
+        except subprocess.TimeoutExpired:
+            self.hookd.kill()
+            self.hookd.wait(10)
+        self.hookd = None
+
+    @property
+    def served_prologue(self) -> str:
+        return str(self.served / "prologue")
+
+    @property
+    def served_epilogue(self) -> str:
+        return str(self.served / "epilogue")
 
     @property
     def prologue(self) -> Path:

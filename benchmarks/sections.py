@@ -406,31 +406,35 @@ TRIVIAL = "exit 0\n"
 
 def throughput(mom: Mom, node: Node, ids: Ids, n: int, mom_ms: float) -> dict:
     """n trivial jobs per case, one after another as a serial pbs_mom runs them, the cases
-    interleaved job by job: no hooks, hooks without an image, hooks with a job in the image
-    (no other job holds its stage). Each round also times `python -IS -c pass` twice."""
+    interleaved job by job: no hooks; the Python hooks without an image, and with a job in
+    the image (no other job holds its stage); the same two through the hook server (the C
+    clients, `pbs-chroot hookd`). Each round also times `python -IS -c pass`."""
     image = [("PBS_O_ROOTDIR", str(node.image))]
-    cases = {"none": (False, [("MYVAR", "x")]), "noimage": (True, [("MYVAR", "x")]),
-             "image": (True, image)}
+    plain = [("MYVAR", "x")]
+    cases = {"none": (None, plain), "noimage": ("py", plain), "image": ("py", image),
+             "srv_noimage": ("srv", plain), "srv_image": ("srv", image)}
     wall: dict = {k: [] for k in cases}
     own: dict = {k: [] for k in cases}     # without the modelled mom time
     pair: dict = {k: [] for k in cases if k != "none"}
+    pro: dict = {k: [] for k in pair}
     start: list = []
     base = mount_lines()
     for i in range(n + 2):  # two rounds unmeasured (page cache)
         names = list(cases)
-        names = names[i % 3:] + names[:i % 3]
+        names = names[i % len(names):] + names[:i % len(names)]
         for name in names:
             hooks, variables = cases[name]
             t0 = time.perf_counter_ns()
             time.sleep(mom_ms / 1000)
             t1 = time.perf_counter_ns()
-            job = _must(mom.run(Job(ids(), variables, "shell", TRIVIAL, hooks=hooks)))
+            job = _must(mom.run(_job(ids, node, variables, hooks)))
             t2 = time.perf_counter_ns()
             if i >= 2:
                 wall[name].append(t2 - t0)
                 own[name].append(t2 - t1)
                 if hooks:
                     pair[name].append((job.pro_ns or 0) + (job.epi_ns or 0))
+                    pro[name].append(job.pro_ns or 0)
         t = spawn_time([sys.executable, "-IS", "-c", "pass"])
         if i >= 2:
             start.append(t)
@@ -445,40 +449,56 @@ def throughput(mom: Mom, node: Node, ids: Ids, n: int, mom_ms: float) -> dict:
                      "job": summary(own[name])}
         if name in pair:
             out[name]["pair"] = summary(pair[name])
+            out[name]["prologue"] = summary(pro[name])
     for name in pair:
         out[name]["ratio"] = round(out["none"]["total_s"] / out[name]["total_s"], 3)
         out[name]["own_ratio"] = round(out["none"]["own_total_s"] / out[name]["own_total_s"], 3)
     return out
 
 
+def _job(ids: Ids, node: Node, variables: list, hooks: Optional[str],
+         body: str = "shell") -> Job:
+    """A trivial job: no hooks (None), the Python hooks ("py") or the C clients ("srv")."""
+    job = Job(ids(), variables, body, TRIVIAL if body == "shell" else "", hooks=bool(hooks))
+    if hooks == "srv":
+        job.prologue_path, job.epilogue_path = node.served_prologue, node.served_epilogue
+    return job
+
+
 def warm_pair(mom: Mom, node: Node, ids: Ids, n: int) -> dict:
     """The hook pair of a job joining a stage another job holds, against `python -IS -c pass`,
-    alternating (one of each per round)."""
+    alternating (one of each per round): the Python hooks, and the C clients with the hook
+    server."""
     image = [("PBS_O_ROOTDIR", str(node.image))]
     holder = mom.start(Job(ids(), image, "hold"))
     while holder.pro_rc is None:
         mom.step(0.05)
     if holder.pro_rc != 0:
         raise BenchError(f"the warm stage's holder job failed: {holder.failure()}")
-    pro: list = []
-    epi: list = []
+    times: dict = {k: {"pro": [], "epi": []} for k in ("py", "srv")}
     start: list = []
     try:
         for i in range(n + 2):
-            job = _must(mom.run(Job(ids(), image, "shell", TRIVIAL)))
+            for kind in ("py", "srv") if i % 2 else ("srv", "py"):
+                job = _must(mom.run(_job(ids, node, image, kind)))
+                if i >= 2:
+                    times[kind]["pro"].append(job.pro_ns)
+                    times[kind]["epi"].append(job.epi_ns)
             t = spawn_time([sys.executable, "-IS", "-c", "pass"])
             if i >= 2:
-                pro.append(job.pro_ns)
-                epi.append(job.epi_ns)
                 start.append(t)
     finally:
         mom.release(holder)
         mom.wait([holder])
     _must(holder)
-    pairs = [a + b for a, b in zip(pro, epi)]
-    s, p = summary(start), summary(pairs)
-    return {"n": n, "prologue": summary(pro), "epilogue": summary(epi), "pair": p,
-            "startup_IS": s, "ratio": round(p["median"] / s["median"], 2)}
+    s = summary(start)
+    out: dict = {"n": n, "startup_IS": s}
+    for kind, key in (("py", ""), ("srv", "server_")):
+        pro, epi = times[kind]["pro"], times[kind]["epi"]
+        p = summary([a + b for a, b in zip(pro, epi)])
+        out.update({f"{key}prologue": summary(pro), f"{key}epilogue": summary(epi),
+                    f"{key}pair": p, f"{key}ratio": round(p["median"] / s["median"], 2)})
+    return out
 
 
 def lever(mom: Mom, node: Node, ids: Ids, n: int, setting: str, mom_ms: float,

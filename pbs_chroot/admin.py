@@ -9,7 +9,7 @@ import logging
 import os
 import signal
 import sys
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 from . import config as config_mod
 from . import gate, lifecycle, log, report
@@ -92,9 +92,11 @@ def install(pbs_home: str, config: str, pbsnodes: str, python: str, force: bool,
         raise UserError(f"can't install: {mom_priv} is not a directory (is {pbs_home} "
                         "pbs_mom's PBS_HOME?)")
     libdir = _check_importable(python)
+    from . import hookinstall
     for name in HOOKS:
         path = os.path.join(mom_priv, name)
-        if os.path.lexists(path) and not force and _MARKER not in read_head(path):
+        if os.path.lexists(path) and not force and _MARKER not in read_head(path) \
+                and not hookinstall.is_client(path):
             raise UserError(f"can't install: {path} exists and is not ours; "
                             "move it away or use --force")
     cfg, changed = None, False
@@ -110,9 +112,10 @@ def install(pbs_home: str, config: str, pbsnodes: str, python: str, force: bool,
                         for line in settings)
         starter.install(job_starter, starters, login)
         changed = starter.set_mom_config(pbs_home, job_starter, force)
-    for name in HOOKS:
-        _write_root_file(os.path.join(mom_priv, name),
-                         render_hook(name, python, config, pbsnodes, libdir, syslog))
+    server = cfg.hook_server if cfg is not None else ""
+    _write_hooks(mom_priv, server, cfg is not None and cfg.cgroups,
+                 [render_hook(name, python, config, pbsnodes, libdir, syslog) for name in HOOKS],
+                 syslog, starters)
     if cfg is not None:
         ensure_layout(cfg.state_dir)
     note = (f"# Job starters installed: {job_starter} (pass-through, on the host) and "
@@ -122,18 +125,43 @@ def install(pbs_home: str, config: str, pbsnodes: str, python: str, force: bool,
             + (" (the old file is config.orig)" if changed else "") + "." if job_starter
             else "# job_starter = none in the config: no job starter installed (not a "
             "Torque node?).")
+    if server:
+        note += (f"\n# Hook server clients installed (hook_server = {server}), the Python hooks "
+                 "beside them as NAME.py;\n# start the server before pbs_mom: systemctl "
+                 "enable --now pbs-chroot-hookd (examples/).")
     return MOM_CONFIG_ADVICE.format(mom_priv=mom_priv, starter=note)
 
 
-def _write_root_file(path: str, text: str, mode: int = 0o500) -> None:
+def _write_hooks(mom_priv: str, server: str, cgroups: bool, texts: list[str],
+                 syslog: str, starters: Optional[str]) -> None:
+    """The Python hooks as the hooks; or, with a hook server, its C clients as the hooks
+    and the Python hooks beside them as NAME.py (which the clients fall back to)."""
+    from . import hookinstall
+    client = None
+    if server:
+        client = hookinstall.prebuilt(starters, server, syslog) or hookinstall.build(
+            server, mom_priv, syslog, hookinstall.kick_target() if cgroups else None)
+    for name, text in zip(HOOKS, texts):
+        path = os.path.join(mom_priv, name)
+        beside = hookinstall.python_path(path)
+        if client is not None:  # the Python hook first: the client runs it if need be
+            _write_root_file(beside, text)
+            _write_root_file(path, client)
+        else:
+            _write_root_file(path, text)
+            if os.path.lexists(beside) and _MARKER in read_head(beside):
+                os.unlink(beside)  # hook_server was on before
+
+
+def _write_root_file(path: str, content: Union[str, bytes], mode: int = 0o500) -> None:
     # pbs_mom runs only a root-owned regular file that is not group/other
     # writable: write it that way, then rename over the old one.
     tmp = f"{path}.new.{os.getpid()}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o500)
-    with os.fdopen(fd, "w") as f:
+    with os.fdopen(fd, "wb") as f:
         os.fchown(f.fileno(), 0, 0)
         os.fchmod(f.fileno(), mode)
-        f.write(text)
+        f.write(content.encode() if isinstance(content, str) else content)
     os.replace(tmp, path)
 
 
@@ -369,6 +397,12 @@ def check(cfg_path: str) -> int:
     elif cfg.job_starter:
         print(f"job starter {cfg.job_starter} (-nnp in stages), in {cfg.pbs_home}"
               "/mom_priv/config: OK")
+    from .hookproto import check_config
+    try:
+        line = check_config(cfg)
+        print(f"{line}: OK" if line else "hook server: no (hook_server = no: the Python hooks)")
+    except PbsChrootError as e:
+        print(f"WARNING: {e.detail}")
     return 1 if bad else 0
 
 
@@ -434,6 +468,12 @@ def _parser() -> argparse.ArgumentParser:
                    "root: yourself)")
     r.add_argument("cmd", nargs="+", help="the command (after --)")
     sub.add_parser("check", help="validate the config and the images")
+    h = sub.add_parser("hookd", help="the hook server (hook_server in the config): a root "
+                       "daemon started before pbs_mom; the C hooks ask it to run the hooks")
+    h.add_argument("--pbsnodes", default="/usr/bin/pbsnodes",
+                   help="pbsnodes used to offline the node on a site fault (as install's)")
+    h.add_argument("--syslog-socket", default="/dev/log",
+                   help="where the hooks log when the config is refused (as install's)")
     sub.add_parser("submit-filter", help="the qsub submit filter, by hand: "
                    "pbs-chroot submit-filter QSUB_ARGS... < SCRIPT (see install --submit-filter)")
     c = sub.add_parser("cleanup", help="finish or undo what jobs no longer on this node left "
@@ -532,6 +572,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 1 if failed else 0
         if args.command == "cleanup":
             return cleanup(args.config, args.dry_run)
+        if args.command == "hookd":
+            from .hookd import serve
+            return serve(os.path.abspath(args.config), args.pbsnodes, args.syslog_socket)
         if args.command == "report":
             return report.main_report(args)
         if args.command == "image":

@@ -25,7 +25,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Optional, Sequence
 
-__all__ = ["Completed", "run"]
+__all__ = ["Completed", "Running", "run", "start", "wait_child"]
 
 _CHUNK = 65536
 
@@ -48,9 +48,55 @@ def run(argv: Sequence[str], env: dict[str, str], timeout: float) -> Completed:
 
     OSError (with the exec's errno) if it cannot be started.
     """
+    return start(argv, env, timeout).finish()
+
+
+class Running:
+    """A command started by start(): finish() waits for it (once); cancel() kills its
+    session and reaps it (idempotent; after finish, nothing)."""
+
+    def __init__(self, pid: int, out_r: int, err_r: int, deadline: float,
+                 done: Optional[Completed] = None) -> None:
+        self.pid, self.out_r, self.err_r, self.deadline = pid, out_r, err_r, deadline
+        self.done = done
+
+    def finish(self) -> Completed:
+        if self.done is not None:
+            return self.done
+        try:
+            output = _read_until_eof(self.out_r, self.err_r, self.deadline)
+            status = _wait(self.pid, self.deadline) if output is not None else None
+        except BaseException:
+            self.cancel()
+            raise
+        self._close()
+        if output is None or status is None:
+            _kill_session(self.pid)
+            self.done = Completed(None, b"", b"", timed_out=True)
+        else:
+            self.done = Completed(os.waitstatus_to_exitcode(status), output[0], output[1])
+        return self.done
+
+    def cancel(self) -> None:
+        if self.done is None:
+            self._close()
+            _kill_session(self.pid)
+            self.done = Completed(None, b"", b"", timed_out=True)
+
+    def _close(self) -> None:
+        for fd in (self.out_r, self.err_r):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def start(argv: Sequence[str], env: dict[str, str], timeout: float) -> Running:
+    """run(), begun: the command runs while the caller does something else."""
     inherited = _inheritable_fds()
     if inherited is None or not _posix_spawn_starts_sessions():
-        return _run_subprocess(argv, env, timeout)  # it closes every descriptor itself
+        # subprocess closes every descriptor itself; it runs to its end here
+        return Running(0, -1, -1, 0.0, done=_run_subprocess(argv, env, timeout))
     deadline = time.monotonic() + timeout
     out_r, out_w = _pipe()
     err_r, err_w = _pipe()
@@ -68,19 +114,7 @@ def run(argv: Sequence[str], env: dict[str, str], timeout: float) -> Completed:
     finally:
         os.close(out_w)
         os.close(err_w)
-    try:
-        output = _read_until_eof(out_r, err_r, deadline)
-        status = _wait(pid, deadline) if output is not None else None
-    except BaseException:
-        _kill_session(pid)
-        raise
-    finally:
-        os.close(out_r)
-        os.close(err_r)
-    if output is None or status is None:
-        _kill_session(pid)
-        return Completed(None, b"", b"", timed_out=True)
-    return Completed(os.waitstatus_to_exitcode(status), output[0], output[1])
+    return Running(pid, out_r, err_r, deadline)
 
 
 def _kill_session(pid: int) -> None:
@@ -153,16 +187,36 @@ def _read_until_eof(out_fd: int, err_fd: int, deadline: float) -> Optional[tuple
 
 
 def _wait(pid: int, deadline: float) -> Optional[int]:
-    """The child's wait status; None at the deadline (as subprocess: growing pauses)."""
-    pause = 0.0005
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return status
-        if time.monotonic() >= deadline:
-            return None
-        time.sleep(pause)
-        pause = min(pause * 2, 0.05)
+    return wait_child(pid, deadline)
+
+
+def wait_child(pid: int, deadline: float) -> Optional[int]:
+    """Child ``pid``'s wait status once it exits; None at the ``deadline`` (monotonic).
+
+    On a pidfd (Linux >= 5.3): woken the moment it exits, where polling with
+    subprocess's growing pauses added ~1 ms to each wait of a job's hooks.
+    """
+    try:
+        pidfd = os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        pidfd = -1
+    try:
+        pause = 0.0005
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                return status
+            wait = deadline - time.monotonic()
+            if wait <= 0:
+                return None
+            if pidfd >= 0:
+                select.select([pidfd], [], [], wait)
+            else:
+                time.sleep(min(pause, wait))
+                pause = min(pause * 2, 0.05)
+    finally:
+        if pidfd >= 0:
+            os.close(pidfd)
 
 
 def _run_subprocess(argv: Sequence[str], env: dict[str, str], timeout: float) -> Completed:

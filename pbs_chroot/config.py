@@ -18,7 +18,8 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Optional
 
-__all__ = ["DEFAULT_PATH", "BindSpec", "Image", "Config", "load", "parse", "parse_bind"]
+__all__ = ["DEFAULT_PATH", "DEFAULT_HOOK_SERVER", "BindSpec", "Image", "Config", "load", "parse",
+           "parse_bind"]
 
 DEFAULT_PATH = "/etc/pbs_chroot/pbs_chroot.conf"
 DEFAULT_JOB_STARTER = "/usr/libexec/pbs_chroot/job_starter"
@@ -92,7 +93,7 @@ class Config(Record):
                  "memory_policy", "memory_cap", "limit_swap", "pids_max", "kill_timeout",
                  "accounting_log", "identity", "tmpdir", "user_dirs", "job_starter",
                  "entry_dir", "early_attach", "stage_grace", "defer_teardown", "identity_cache",
-                 "image_resource")
+                 "image_resource", "hook_server")
 
     def __init__(self, path: str, images: tuple[Image, ...], binds: tuple[BindSpec, ...],
                  state_dir: str = "/var/lib/pbs_chroot", pbs_home: str = "/var/spool/torque",
@@ -110,7 +111,7 @@ class Config(Record):
                  job_starter: str = DEFAULT_JOB_STARTER, entry_dir: str = "",
                  early_attach: bool = True, stage_grace: float = 0.0,
                  defer_teardown: bool = False, identity_cache: float = 60.0,
-                 image_resource: str = "image") -> None:
+                 image_resource: str = "image", hook_server: str = "") -> None:
         self.path = path
         self.images = images
         self.binds = binds
@@ -147,6 +148,8 @@ class Config(Record):
         self.defer_teardown = defer_teardown  # the epilogue leaves the undoing to a worker
         self.identity_cache = identity_cache  # a stage's passwd/group kept for one user set
         self.image_resource = image_resource  # OpenPBS: qsub -l NAME=/chroot/sl5 (openpbs.py)
+        # The hook server's socket (hookd.py; '' = no: the hooks are the Python scripts).
+        self.hook_server = hook_server
 
     def image(self, path: str) -> Optional[Image]:
         """The allowlisted image whose path equals ``path`` as text, or None."""
@@ -284,8 +287,9 @@ _FIELDS = {
     "tmpdir": "abspath", "user_dirs": "userdirs", "job_starter": "starter",
     "entry_dir": "abspath",
     "early_attach": "bool", "stage_grace": "grace", "defer_teardown": "bool",
-    "identity_cache": "grace", "image_resource": "resname",
+    "identity_cache": "grace", "image_resource": "resname", "hook_server": "hookserver",
 }
+DEFAULT_HOOK_SERVER = "/run/pbs_chroot/hookd/sock"
 _IDENTITY_MODES = ("generated", "host", "nscd")
 _SPECIAL_SOURCES = ("proc", "tmpfs")
 
@@ -315,6 +319,15 @@ def _convert(path: str, key: str, value: str) -> object:
                 and ".." not in value.split("/")):
             raise ConfigError(f"config {path}: {key} must be an absolute path without spaces "
                               f"(pbs_mom's $job_starter), or none, not {value!r}")
+        return value
+    if kind == "hookserver":
+        if value in ("no", "none", ""):
+            return ""
+        value = DEFAULT_HOOK_SERVER if value in ("yes", "default") else value
+        if not (_is_normal_abs(value) and " " not in value and len(value) < 100
+                and value.count("/") >= 2):
+            raise ConfigError(f"config {path}: {key} must be no, yes or the absolute path of "
+                              f"a socket in a directory of its own (< 100 bytes), not {value!r}")
         return value
     if kind == "userdirs":
         dirs = tuple(value.split())

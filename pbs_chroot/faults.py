@@ -8,10 +8,18 @@ pbs_mom gives hooks a fixed environment, so a job owner can set neither.
 """
 import os
 
-__all__ = ["point"]
+__all__ = ["point", "configure"]
 
 _KILL_AT = os.environ.get("PBS_CHROOT_TEST_KILL_AT", "")
 _TRACE = os.environ.get("PBS_CHROOT_TEST_TRACE", "")
+
+
+def configure() -> None:
+    """Read the switches again: the hook server's worker has taken on the environment
+    pbs_mom gave its client (hookd.py), after this module was imported."""
+    global _KILL_AT, _TRACE
+    _KILL_AT = os.environ.get("PBS_CHROOT_TEST_KILL_AT", "")
+    _TRACE = os.environ.get("PBS_CHROOT_TEST_TRACE", "")
 
 
 def point(name: str) -> None:

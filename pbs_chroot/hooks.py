@@ -23,50 +23,95 @@ if TYPE_CHECKING:
     from typing import Callable, Optional, Sequence
 
     from .config import Config, Image
-    from .jobinfo import JobVariables
+    from .jobinfo import JobVariables, PendingRead
 
-__all__ = ["prologue_main", "epilogue_main", "run_main", "offline_node"]
+__all__ = ["prologue_main", "epilogue_main", "run_main", "offline_node", "is_parallel", "LOST"]
 
 logger = log.get_logger("pbs_chroot.hooks")
 
 _PROLOGUE_ARGS = 7   # ID USER GROUP JOBNAME RESOURCE_LIST QUEUE ACCOUNT [SCRIPT]
 _EPILOGUE_ARGS = 10  # ID USER GROUP JOBNAME SESSION RESOURCE_LIST USED QUEUE ACCOUNT EXIT [SCRIPT]
 _OFFLINE_TIMEOUT = 10.0
+LOST = "--hookd-lost"  # argv[1] from the C client: its server's worker died (hookd.py)
 
 
 def prologue_main(argv: Sequence[str], config_path: str = config_mod.DEFAULT_PATH,
-                  pbsnodes: str = "/usr/bin/pbsnodes", syslog: str = "/dev/log") -> int:
-    """Entry point of mom_priv/prologue and prologue.parallel."""
-    return run_main("prologue", argv, _prologue, config_path, pbsnodes, syslog)
+                  pbsnodes: str = "/usr/bin/pbsnodes", syslog: str = "/dev/log",
+                  parent: Optional[int] = None) -> int:
+    """Entry point of mom_priv/prologue and prologue.parallel.
+
+    parent: the parent of the process pbs_mom started, when that process is not this
+    one (the hook server's worker runs this for its client: hookd.py); default ours.
+    ``NAME.py --hookd-lost ARGS``: the C client's hook server worker for this job died
+    before it answered (starter/hook_client.c): a site fault, whatever the worker had
+    done (its steps are journaled: the epilogue or the reconciler finishes them).
+    """
+    if list(argv[1:2]) == [LOST]:  # never a job id (check_job_id)
+        return run_main("prologue", [argv[0], *argv[2:]], _lost, config_path, pbsnodes,
+                        syslog)
+    return run_main("prologue", argv, lambda cfg, args: _prologue(cfg, args, parent),
+                    config_path, pbsnodes, syslog)
 
 
 def epilogue_main(argv: Sequence[str], config_path: str = config_mod.DEFAULT_PATH,
-                  pbsnodes: str = "/usr/bin/pbsnodes", syslog: str = "/dev/log") -> int:
-    """Entry point of mom_priv/epilogue and epilogue.parallel."""
-    return run_main("epilogue", argv, _epilogue, config_path, pbsnodes, syslog)
+                  pbsnodes: str = "/usr/bin/pbsnodes", syslog: str = "/dev/log",
+                  answer: Optional[Callable[[], None]] = None) -> int:
+    """Entry point of mom_priv/epilogue and epilogue.parallel.
+
+    answer: called once the job's processes are dead, its accounting written and the
+    user told of OOM kills (the hook server's worker answers pbs_mom there and does the
+    rest, stage and cgroup, after it: hookd.py); then defer_teardown does not fork.
+    """
+    return run_main("epilogue", argv, lambda cfg, args: _epilogue(cfg, args, answer),
+                    config_path, pbsnodes, syslog)
 
 
-def _prologue(cfg: Config, argv: Sequence[str]) -> None:
+def _lost(cfg: Config, argv: Sequence[str]) -> None:
+    raise SiteError("the hook server's worker for this job died before it answered "
+                    "(killed, or out of memory?): see pbs-chroot-hookd in syslog")
+
+
+def is_parallel(argv0: str) -> bool:
+    """Whether the hook is prologue.parallel or epilogue.parallel (a sister node's): the
+    name pbs_mom ran, or the Python hook beside the C client (NAME.py)."""
+    name = argv0[:-3] if argv0.endswith(".py") else argv0
+    return name.endswith(".parallel")
+
+
+def _prologue(cfg: Config, argv: Sequence[str], parent: Optional[int]) -> None:
     _shun_oom_killer()  # first thing once syslog is set up
     if len(argv) < _PROLOGUE_ARGS + 1:
         raise SiteError(f"prologue called with {len(argv) - 1} arguments, pbs_mom passes "
                         f"at least {_PROLOGUE_ARGS}")
     job = lifecycle.Job(check_job_id(argv[1]), argv[2], argv[3], argv[6], argv[5])
-    pid = _future_job_process(argv[0])
-    spawner = _task_spawner(argv[0], pid)
+    ppid = parent if parent is not None else os.getppid()
+    pid = _future_job_process(argv[0], ppid)
+    spawner = _task_spawner(argv[0], pid, ppid)
+    from . import jobinfo  # the prologue's only: the epilogue need not load it
+    # The server query runs from now on, beside the record and the cgroup's set-up.
+    pending = jobinfo.PendingRead(job.job_id, cfg.job_info, cfg.qstat, cfg.job_info_timeout)
+    try:
+        _start(cfg, job, argv[0], pid, spawner, pending)
+    finally:
+        pending.cancel()  # (a qstat not waited for: the set-up failed first)
+
+
+def _start(cfg: Config, job: lifecycle.Job, argv0: str, pid: Optional[int],
+           spawner: Optional[int], pending: PendingRead) -> None:
+    """Check the request and start the job: its record, cgroup, stage, attach."""
     if cfg.cgroups and cfg.early_attach and pid is not None:
         # The server query overlaps the move into the cgroup (early.py); a refusal
         # undoes the job's start, moving the process back out first.
         ensure_layout(cfg.state_dir)
         chosen: list[Optional[str]] = []
         version = lifecycle.start_job(cfg, job, None, pid, spawner,
-                                      lambda: _checked(cfg, job, argv[0], chosen))
+                                      lambda: _checked(cfg, job, argv0, chosen, pending))
         image = chosen[0] if chosen else None
     else:
         try:
-            image = _checked(cfg, job, argv[0], [])
+            image = _checked(cfg, job, argv0, [], pending)
         except UserError as e:
-            if not argv[0].endswith(".parallel"):
+            if not is_parallel(argv0):
                 raise
             # Torque turns any failure of prologue.parallel into a requeue (job_start_error):
             # a refusal here would loop through the queue. Mother superior's prologue runs
@@ -84,15 +129,14 @@ def _prologue(cfg: Config, argv: Sequence[str]) -> None:
                     job.job_id, job.user, job.queue, image, version)
 
 
-def _checked(cfg: Config, job: lifecycle.Job, argv0: str,
-             chosen: list[Optional[str]]) -> Optional[str]:
+def _checked(cfg: Config, job: lifecycle.Job, argv0: str, chosen: list[Optional[str]],
+             pending: PendingRead) -> Optional[str]:
     """The allowlisted path the job asks for (None: no image), read from the server and
     checked, with its shell; UserError if refused, after telling the user in the job's
     error file. Also appended to ``chosen``."""
-    from . import jobinfo  # the prologue's only: the epilogue need not load it
-    variables = jobinfo.read_variables(job.job_id, source=cfg.job_info, qstat=cfg.qstat,
-                                       timeout=cfg.job_info_timeout)
-    sister = argv0.endswith(".parallel")
+    from . import jobinfo
+    variables = pending.result()
+    sister = is_parallel(argv0)
     try:
         image = gate.check_request(variables.entries, jobinfo.lossy_names(variables.raw), cfg,
                                    job.user, job.queue)
@@ -146,14 +190,13 @@ def _shun_oom_killer() -> None:
         logger.warning("can't protect the prologue from the OOM killer: %s", e.strerror)
 
 
-def _future_job_process(argv0: str) -> Optional[int]:
-    """The prologue's parent: pbs_mom's child that becomes the job (DESIGN.md).
+def _future_job_process(argv0: str, ppid: int) -> Optional[int]:
+    """The prologue's parent ``ppid``: pbs_mom's child that becomes the job (DESIGN.md).
 
     Never pbs_mom itself: on sister nodes prologue.parallel may be run by the
     daemon, which must not land in (and be killed with) a job's cgroup.
     """
-    ppid = os.getppid()
-    if argv0.endswith(".parallel") or ppid == 1:
+    if is_parallel(argv0) or ppid == 1:
         return None
     try:
         with open(f"/proc/{ppid}/stat") as f:
@@ -166,7 +209,7 @@ def _future_job_process(argv0: str) -> Optional[int]:
     return ppid
 
 
-def _task_spawner(argv0: str, job_process: Optional[int]) -> Optional[int]:
+def _task_spawner(argv0: str, job_process: Optional[int], ppid: int) -> Optional[int]:
     """pbs_mom's pid, if this node may run TM tasks of the job (a job on several nodes, or
     on several cores of one: pbsdsh and mpiexec spawn there too); else None.
 
@@ -176,8 +219,7 @@ def _task_spawner(argv0: str, job_process: Optional[int]) -> Optional[int]:
     way pbs_mom forks the tasks (start_process), outside the job's process
     tree (docs/torque-multinode.md).
     """
-    if argv0.endswith(".parallel"):
-        ppid = os.getppid()
+    if is_parallel(argv0):
         return ppid if ppid != 1 else None
     if job_process is None or not (_count_env("PBS_NUM_NODES") > 1 or _count_env("PBS_NP") > 1):
         return None  # one core on one node: no TM task to adopt but the job's own
@@ -198,14 +240,22 @@ def _parent_of(pid: int) -> Optional[int]:
         return None
 
 
-def _epilogue(cfg: Config, argv: Sequence[str]) -> None:
+def _epilogue(cfg: Config, argv: Sequence[str], answer: Optional[Callable[[], None]]) -> None:
     if len(argv) < _EPILOGUE_ARGS + 1:
         raise SiteError(f"epilogue called with {len(argv) - 1} arguments, pbs_mom passes "
                         f"at least {_EPILOGUE_ARGS}")
     job_id = check_job_id(argv[1])
+    told: list[bool] = []
+
+    def accounted(acct: Optional[dict]) -> None:  # type: ignore[type-arg]
+        if acct and acct.get("oom_kills"):
+            _tell_user(job_id, oom_message(acct))
+        told.append(True)
+        if answer is not None:
+            answer()
     acct = lifecycle.end_job(cfg, job_id, argv[10], extra=_job_nodes(argv),
-                             defer=cfg.defer_teardown)
-    if acct and acct.get("oom_kills"):
+                             defer=cfg.defer_teardown and answer is None, accounted=accounted)
+    if not told and acct and acct.get("oom_kills"):
         _tell_user(job_id, oom_message(acct))
 
 
@@ -218,7 +268,7 @@ def _job_nodes(argv: Sequence[str]) -> dict[str, object]:
     RESOURCES_USED is Torque's sum over all nodes; its line names the nodes
     from $PBS_NODEFILE and keeps that sum.
     """
-    if argv[0].endswith(".parallel"):
+    if is_parallel(argv[0]):
         return {"sister": True}
     hosts: list[str] = []
     try:

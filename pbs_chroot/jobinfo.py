@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import time
 
-from . import jsonio
+from . import command, jsonio
 from .errors import JobInfoError
 from .record import Record
 
@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from typing import Any, NoReturn, Optional
 
 __all__ = [
+    "PendingRead",
     "JobVariables", "parse_variable_list", "lossy_names", "parse_qstat_xml",
     "read_variables", "SOURCES",
 ]
@@ -198,11 +199,7 @@ def parse_qstat_xml(data: bytes, job_id: str) -> JobVariables:
 
 def read_variables(job_id: str, *, source: str, qstat: str, timeout: float) -> JobVariables:
     """Ask the server for job_id's Variable_List via pbs_python or qstat, fail closed."""
-    if not job_id or job_id.startswith("-") or any(c in job_id for c in "\0\n/ "):
-        raise JobInfoError(f"refusing job id {job_id!r} from pbs_mom", user_msg=_USER_MSG)
-    if not timeout > 0:
-        raise JobInfoError(f"job info timeout must be > 0 seconds, got {timeout!r}",
-                           user_msg=_USER_MSG, job_id=job_id)
+    _check_request(job_id, timeout)
     if source == "auto":
         source = "pbs_python" if _import_pbs(job_id, required=False) is not None else "qstat"
     if source == "pbs_python":
@@ -211,6 +208,14 @@ def read_variables(job_id: str, *, source: str, qstat: str, timeout: float) -> J
         return _read_qstat(job_id, qstat, timeout)
     raise JobInfoError(f"unknown job info source {source!r} (expected one of {SOURCES})",
                        user_msg=_USER_MSG, job_id=job_id)
+
+
+def _check_request(job_id: str, timeout: float) -> None:
+    if not job_id or job_id.startswith("-") or any(c in job_id for c in "\0\n/ "):
+        raise JobInfoError(f"refusing job id {job_id!r} from pbs_mom", user_msg=_USER_MSG)
+    if not timeout > 0:
+        raise JobInfoError(f"job info timeout must be > 0 seconds, got {timeout!r}",
+                           user_msg=_USER_MSG, job_id=job_id)
 
 
 # --- qstat -------------------------------------------------------------------
@@ -223,26 +228,64 @@ def _first_line(data: bytes) -> str:
 
 
 def _read_qstat(job_id: str, qstat: str, timeout: float) -> JobVariables:
-    from . import command
+    return _qstat_result(job_id, qstat, timeout, _start_qstat(job_id, qstat, timeout))
 
-    def fail(what: str) -> JobInfoError:
-        return JobInfoError(f"source qstat: {what}", user_msg=_USER_MSG, job_id=job_id)
 
+def _start_qstat(job_id: str, qstat: str, timeout: float) -> command.Running:
     if not os.path.isabs(qstat):
-        raise fail(f"qstat path {qstat!r} is not absolute (the prologue's PATH is "
-                   "/bin:/usr/bin; set the full path in the config)")
-    argv = [qstat, "-f", "-x", job_id]
-    cmd = " ".join(argv)
+        raise _qstat_fail(job_id, f"qstat path {qstat!r} is not absolute (the prologue's PATH "
+                          "is /bin:/usr/bin; set the full path in the config)")
     try:
         # A new session lets a timeout kill qstat and anything a site wrapper started.
-        res = command.run(argv, dict(_QSTAT_ENV), timeout)
+        return command.start([qstat, "-f", "-x", job_id], dict(_QSTAT_ENV), timeout)
     except OSError as e:
-        raise fail(f"can't run {qstat}: {e.strerror} (errno {e.errno})") from e
+        raise _qstat_fail(job_id, f"can't run {qstat}: {e.strerror} (errno {e.errno})") from e
+
+
+def _qstat_result(job_id: str, qstat: str, timeout: float,
+                  running: command.Running) -> JobVariables:
+    cmd = f"{qstat} -f -x {job_id}"
+    res = running.finish()
     if res.timed_out:
-        raise fail(f"`{cmd}` timed out after {timeout:g} s; killed it")
+        raise _qstat_fail(job_id, f"`{cmd}` timed out after {timeout:g} s; killed it")
     if res.returncode != 0:
-        raise fail(f"`{cmd}` exited with status {res.returncode}: {_first_line(res.stderr)}")
+        raise _qstat_fail(job_id, f"`{cmd}` exited with status {res.returncode}: "
+                          f"{_first_line(res.stderr)}")
     return parse_qstat_xml(res.stdout, job_id)
+
+
+def _qstat_fail(job_id: str, what: str) -> JobInfoError:
+    return JobInfoError(f"source qstat: {what}", user_msg=_USER_MSG, job_id=job_id)
+
+
+class PendingRead:
+    """read_variables(), begun: with qstat as the source, qstat is started at once and
+    runs while the prologue makes the job's record and cgroup; result() waits for it
+    (and fails closed as read_variables does). cancel() kills a qstat never waited for."""
+
+    def __init__(self, job_id: str, source: str, qstat: str, timeout: float) -> None:
+        self.args = (job_id, source, qstat, timeout)
+        self.running: Optional[command.Running] = None
+        try:
+            _check_request(job_id, timeout)
+            if source == "auto":
+                source = "pbs_python" if _import_pbs(job_id, required=False) else "qstat"
+            if source == "qstat":
+                self.running = _start_qstat(job_id, qstat, timeout)
+        except JobInfoError:
+            self.running = None  # result() raises it again, where the caller expects it
+
+    def result(self) -> JobVariables:
+        job_id, source, qstat, timeout = self.args
+        running, self.running = self.running, None
+        if running is None:
+            return read_variables(job_id, source=source, qstat=qstat, timeout=timeout)
+        return _qstat_result(job_id, qstat, timeout, running)
+
+    def cancel(self) -> None:
+        running, self.running = self.running, None
+        if running is not None:
+            running.cancel()
 
 
 # --- pbs_python ---------------------------------------------------------------

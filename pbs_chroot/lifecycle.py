@@ -216,12 +216,16 @@ def job_cgroup_of(record: dict[str, Any]) -> Optional[cgroups.JobCgroup]:
 
 def end_job(cfg: Config, job_id: str, exit_status: str = "",
             recovered: bool = False, extra: Optional[dict[str, Any]] = None,
-            defer: bool = False) -> Optional[dict[str, Any]]:
+            defer: bool = False,
+            accounted: Optional[Callable[[Optional[dict[str, Any]]], None]] = None
+            ) -> Optional[dict[str, Any]]:
     """Undo whatever start_job() got done for ``job_id``; idempotent.
 
     defer: return once the job's processes are dead and its accounting is
     written, leaving the rest (stage, cgroup, record) to a detached worker
     (deferred.py); if that never finishes, the reconciler does, from the record.
+    accounted: called with the accounting record at that same point (the hook server's
+    worker answers pbs_mom there, then goes on with the rest itself: hookd.py).
     Returns the accounting record written (None if the job had no record).
     A process that survives SIGKILL raises CgroupError and leaves the record
     for the reconciler: the stage stays too, since that process may hold it.
@@ -249,6 +253,8 @@ def end_job(cfg: Config, job_id: str, exit_status: str = "",
     if record.get("stage") and record["stage"] != "leaving":
         record["stage"] = "leaving"  # from now on, image switches pass it by
         save_record(cfg.state_dir, record)
+    if accounted is not None:
+        accounted(acct)
     if defer and record.get("stage"):  # (a cgroup's rmdir alone is not worth a fork)
         from .deferred import spawn_worker
         if spawn_worker(cfg, [], [job_id]):

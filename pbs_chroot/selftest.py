@@ -57,6 +57,10 @@ def run_selftest(cfg: Config, user: str, write: Callable[[str], None]) -> int:
     report("job starter (no_new_privs for Torque jobs)", not problem,
            problem or (f"{cfg.job_starter} in {cfg.pbs_home}/mom_priv/config"
                        if cfg.job_starter else "not a Torque mom: the shim sets it"))
+    if cfg.hook_server:  # down: the C hooks run the Python ones (safe, at the old cost)
+        from .hookproto import ping
+        problem = ping(cfg.hook_server)
+        report("hook server", not problem, problem or f"{cfg.hook_server} answers")
     _check_gate(cfg, user, report)
     for image in cfg.images:
         try:

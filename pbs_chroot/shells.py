@@ -184,15 +184,13 @@ def _child_lookup(root: str, shell: str, uid: int, gid: int, groups: list[int]) 
 def _wait(pid: int) -> int:
     """The child's exit code (4, "can't tell", if it had to be killed at the deadline)."""
     import time
-    deadline = time.monotonic() + _DEADLINE
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return os.WEXITSTATUS(status) if os.WIFEXITED(status) else 4
-        if time.monotonic() >= deadline:
-            kill_and_leave(pid)
-            return 4
-        time.sleep(0.001)
+
+    from .command import wait_child
+    status = wait_child(pid, time.monotonic() + _DEADLINE)
+    if status is not None:
+        return os.WEXITSTATUS(status) if os.WIFEXITED(status) else 4
+    kill_and_leave(pid)
+    return 4
 
 
 def kill_and_leave(pid: int, grace: float = 0.5) -> None:

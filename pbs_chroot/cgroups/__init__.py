@@ -194,7 +194,7 @@ class JobCgroup:
                               f"({os.getpid()}) runs in; was its parent moved into it?")
         if self._kill_all_at_once():
             killed.update(listed)
-        else:
+        elif listed:  # (an empty cgroup: nothing can fork in it, so no freeze)
             frozen = self._freeze(True)
             try:
                 for pid in self.procs():

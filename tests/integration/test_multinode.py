@@ -15,6 +15,7 @@ from tests import fakes
 from tests.conftest import (CG_PARENT, SUMMARY, USER, Node, Site, Syslog, cgroup_children,
                             mount_points, pbs_chroot_cli, starter_dir, tmpfs_root)
 from tests.momemu import EmuJob
+from tests.integration.test_userns_entry import v2_delegated  # noqa: F401
 from tests.multinode import MultiNodeJob, SisterMom
 
 pytestmark = [pytest.mark.root,
@@ -152,6 +153,12 @@ class Cluster:
         for sis in self.sisters:
             sis.close()
         self.ms.emu.cleanup()
+
+
+@pytest.fixture(autouse=True)
+def _delegated(v2_delegated: None) -> None:  # noqa: F811
+    """On a cgroup v2 (run-in-cgroup-v2.sh): the root's controllers enabled for the tests'
+    parent, as systemd's Delegate= does, so the nodes' parents below it can have them."""
 
 
 @pytest.fixture
