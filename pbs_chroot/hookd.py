@@ -31,7 +31,7 @@ import sys
 from . import config as config_mod
 from . import log
 from .errors import UnsafePathError, UserError
-from .hookproto import (FALLBACK, HEADER, HOOK_NAMES, MAGIC, MAX_REQUEST, NFDS, PING,
+from .hookproto import (ACK, FALLBACK, HEADER, HOOK_NAMES, MAGIC, MAX_REQUEST, NFDS, PING,
                         decode_request, peer)
 from .paths import resolve_admin_path
 
@@ -60,6 +60,12 @@ def serve(config_path: str, pbsnodes: str, syslog: str) -> int:
                         "(the hooks are the Python scripts)")
     log.setup("pbs-chroot-hookd", syslog)  # its lines as the C clients name it
     log.use_socket(cfg.syslog_socket)
+    # What it imports runs as root for as long as it runs: root's only, as install checks
+    # the Python hooks' library (a module others can write is root for them).
+    import pbs_chroot
+
+    from .admin import check_library
+    check_library(os.path.dirname(os.path.abspath(pbs_chroot.__file__)))
     _preload()
     lock, listener = _listen(cfg.hook_server)
     server = _Server(listener, lock, (config_path, pbsnodes, syslog))
@@ -160,6 +166,12 @@ class _Server:
                 os.unlink(self.listener.getsockname())  # clients fall back at once
             except OSError:
                 pass
+            while True:  # and those already queued, told so rather than dropped
+                try:
+                    conn, _ = self.listener.accept()
+                except OSError:
+                    break
+                self._fallback(conn)
             self.listener.close()
 
     def _drain_wakeups(self) -> None:
@@ -299,6 +311,11 @@ def _worker(conn: socket.socket, client: int, hook_args: tuple[str, str, str]) -
     parent = _parent_of(client)
     if parent is None:
         raise ProcessLookupError(f"client {client} is gone")
+    try:  # the request is ours now; a client that gave up on us gets EPIPE here
+        conn.sendall(ACK)
+    except OSError:
+        logger.warning("client %d gave up before its request was taken: nothing done", client)
+        return
     _become_client(fds, umask, env)
     from . import hooks
     config_path, pbsnodes, syslog = hook_args

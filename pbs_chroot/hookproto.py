@@ -22,7 +22,8 @@ if TYPE_CHECKING:
 
     from .config import Config
 
-__all__ = ["MAGIC", "HEADER", "MAX_REQUEST", "NFDS", "HOOK_NAMES", "PING", "FALLBACK", "peer",
+__all__ = ["MAGIC", "HEADER", "MAX_REQUEST", "NFDS", "HOOK_NAMES", "PING", "FALLBACK", "ACK",
+           "peer",
            "encode_request", "decode_request", "ping", "check_config"]
 
 MAGIC = b"PCH1"
@@ -32,6 +33,10 @@ NFDS = 4                    # stdin, stdout, stderr, cwd
 HOOK_NAMES = ("prologue", "epilogue", "prologue.parallel", "epilogue.parallel")
 PING = "ping"
 FALLBACK = b"F\n"
+# A worker's first words once it holds a whole request, before it does anything: until
+# the client reads them, nothing was done for the request (a daemon stopped, crashed or
+# stuck with the connection still queued), and the client runs the Python hook itself.
+ACK = b"A\n"
 
 
 def peer(conn: socket.socket) -> tuple[int, int]:

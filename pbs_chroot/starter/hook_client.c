@@ -31,6 +31,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -46,6 +47,9 @@
 #endif
 #ifndef SYSLOG_PATH
 #define SYSLOG_PATH "/dev/log"
+#endif
+#ifndef ACK_TIMEOUT_MS
+#define ACK_TIMEOUT_MS 5000  /* a worker takes a request in ~2 ms; 5 s is a stuck daemon */
 #endif
 
 /* `pbs-chroot install` recognises its own clients by this text. */
@@ -244,6 +248,25 @@ static int send_request(int s, const char *buf, size_t len, int cwd)
     return 0;
 }
 
+/* One reply line ("X...\n", at most size - 1 bytes) into buf, NUL-terminated; its length
+ * (what came before EOF or an error, if no newline did). */
+static size_t read_line(int s, char *buf, size_t size, int flags)
+{
+    size_t got = 0;
+    while (got < size - 1) {
+        ssize_t n = recv(s, buf + got, 1, flags);  /* byte by byte: never past the line */
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            break;
+        got += (size_t)n;
+        if (buf[got - 1] == '\n')
+            break;
+    }
+    buf[got] = '\0';
+    return got;
+}
+
 int main(int argc, char **argv)
 {
     /* Killed by a signal = "success" to pbs_mom (run_pelog reads WEXITSTATUS only). */
@@ -290,19 +313,32 @@ int main(int argc, char **argv)
         note(name, "request not sent, running the Python hook", errno);
         return python_hook(name, argc, argv, 0);
     }
+    /* A worker says "A\n" once it holds the request, before it does anything. No word
+     * within ACK_TIMEOUT_MS (a daemon stopped, or stuck with our connection queued): give
+     * up; the shutdown makes a worker's later "A" fail (EPIPE), so it does nothing. An
+     * "A" that got in just before the shutdown: that worker runs, unheard: lost. */
+    struct pollfd p = { .fd = s, .events = POLLIN };
+    int ready;
+    do
+        ready = poll(&p, 1, ACK_TIMEOUT_MS);
+    while (ready < 0 && errno == EINTR);
+    if (ready == 0)
+        shutdown(s, SHUT_RDWR);
     char reply[32];
-    size_t got = 0;
-    while (got < sizeof reply - 1) {
-        ssize_t n = read(s, reply + got, sizeof reply - 1 - got);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n <= 0)
-            break;
-        got += (size_t)n;
-        if (reply[got - 1] == '\n')
-            break;
+    size_t got = read_line(s, reply, sizeof reply, ready == 0 ? MSG_DONTWAIT : 0);
+    if (strcmp(reply, "A\n") == 0) {
+        if (ready == 0) {
+            note(name, "took the request too late to be heard (worker runs unheard)", 0);
+            return python_hook(name, argc, argv, lost_is_fault);
+        }
+        got = read_line(s, reply, sizeof reply, 0);
+    } else if (strcmp(reply, "F\n") != 0) {
+        /* Closed, or nothing, before a worker took the request: nothing was done. */
+        note(name, ready == 0 ? "took no request in time, running the Python hook"
+                              : "closed before taking the request, running the Python hook",
+             0);
+        return python_hook(name, argc, argv, 0);
     }
-    reply[got] = '\0';
     if (got >= 3 && reply[0] == 'R' && reply[got - 1] == '\n') {
         char *end;
         long code = strtol(reply + 1, &end, 10);

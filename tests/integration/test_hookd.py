@@ -419,3 +419,52 @@ def test_install_takes_the_prebuilt_client_for_the_default_paths(
         node.assert_clean()
     finally:
         node.emu.cleanup()
+
+
+def test_a_stuck_daemon_costs_a_job_five_seconds_not_its_start(hnode: HookdNode) -> None:
+    """The daemon stopped (SIGSTOP) with the client's connection queued: after 5 s without
+    the worker's acknowledgement the client runs the Python hook; the worker the daemon
+    forks later for that request finds the client gone and does nothing (one accounting
+    line, no offline): the outside review's findings 1 and 2."""
+    assert hnode.proc is not None
+    job = hnode.job(hnode.rootdir())
+    os.kill(hnode.proc.pid, signal.SIGSTOP)
+    started = time.monotonic()
+    try:
+        running = hnode.emu.start(job)
+        time.sleep(6)  # the client gives up after 5 s and runs the Python prologue
+    finally:
+        os.kill(hnode.proc.pid, signal.SIGCONT)
+    res = running.wait(60)
+    ran_in_image(res, job)
+    assert time.monotonic() - started >= 5
+    assert any("took no request in time" in line for line in hnode.syslog.lines()), \
+        hnode.syslog.lines()
+    hnode.settle()
+    assert hnode.offline_calls() == []
+    assert [a["job_id"] for a in hnode.site.accounting_lines()] == [job.job_id]
+    # The worker the daemon forked once resumed finds its client gone: it is killed by the
+    # daemon (the client's end closed), or it does nothing (its acknowledgement fails).
+    assert any("gave up before its request was taken" in line or "went away before its "
+               "worker" in line for line in hnode.syslog.lines()), hnode.syslog.lines()
+    hnode.assert_clean()
+
+
+def test_a_daemon_stopped_with_requests_queued_sends_them_back(hnode: HookdNode) -> None:
+    """Stopped (SIGTERM) while a client's connection waits in its queue: the request is
+    served, or answered "run it yourself"; never dropped (a dropped one looked like a
+    killed worker: a site fault, the node offline)."""
+    assert hnode.proc is not None
+    job = hnode.job(hnode.rootdir())
+    os.kill(hnode.proc.pid, signal.SIGSTOP)
+    running = hnode.emu.start(job)
+    time.sleep(1)  # the client is connected, its request queued
+    hnode.proc.send_signal(signal.SIGTERM)
+    os.kill(hnode.proc.pid, signal.SIGCONT)
+    res = running.wait(60)
+    ran_in_image(res, job)
+    assert hnode.offline_calls() == []
+    # Served by a worker forked just before the stop, or sent back: never dropped.
+    assert not any("broke before the answer" in line for line in hnode.syslog.lines())
+    hnode.stop_server()
+    hnode.assert_clean()
