@@ -193,7 +193,7 @@ def _contained(c: Cluster, mjob: MultiNodeJob, node: str, text: str) -> bool:
     sis = {s.name: s for s in c.sisters}
     parent = CG_PARENT if node == "vm" else sis[node].cg_parent
     want = f"/{parent}/{mjob.job.job_id}"
-    lines = [line for line in text.splitlines() if ":memory:" in line]
+    lines = _cgroup_lines(text)
     if lines and all(line.endswith(want) for line in lines):
         return True
     pid = next(line[3:] for line in text.splitlines() if line.startswith("sh="))
@@ -201,6 +201,13 @@ def _contained(c: Cluster, mjob: MultiNodeJob, node: str, text: str) -> bool:
     told = (f"TM task {pid} ran before it could be seized", f"child {pid} ended before")
     assert any(t in line for line in log for t in told), (node, text, log[-5:])
     return False
+
+
+def _cgroup_lines(text: str) -> list:
+    """The lines of /proc/self/cgroup dumps that name the job's cgroup: the memory
+    hierarchy's on cgroup v1, the unified one's ("0::/...") on v2."""
+    return [line for line in text.splitlines() if ":memory:" in line or
+            line.startswith("0::")]
 
 
 def _cgroup_line(text: str) -> str:
@@ -284,8 +291,7 @@ def test_tasks_forking_fast_are_contained(cluster: Cluster) -> None:
             " wait"]
     out = mjob.pbsdsh(task)
     for node, (rc, text) in out.items():
-        lines = [line for line in text.splitlines() if ":memory:" in line]
-        assert rc == 0 and len(lines) == 8, (node, text)
+        assert rc == 0 and len(_cgroup_lines(text)) == 8, (node, text)
         _contained(cluster, mjob, node, text)
     res = cluster.end(mjob)
     assert res.action == "ran" and res.epilogue_rc == 0
