@@ -206,8 +206,8 @@ def _contained(c: Cluster, mjob: MultiNodeJob, node: str, text: str) -> bool:
 def _cgroup_lines(text: str) -> list:
     """The lines of /proc/self/cgroup dumps that name the job's cgroup: the memory
     hierarchy's on cgroup v1, the unified one's ("0::/...") on v2."""
-    return [line for line in text.splitlines() if ":memory:" in line or
-            line.startswith("0::")]
+    memory = [line for line in text.splitlines() if ":memory:" in line]
+    return memory or [line for line in text.splitlines() if line.startswith("0::")]
 
 
 def _cgroup_line(text: str) -> str:
