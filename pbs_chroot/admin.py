@@ -110,7 +110,7 @@ def install(pbs_home: str, config: str, pbsnodes: str, python: str, force: bool,
         settings = starter.read_mom_config(pbs_home) or []
         login = not any(line.split()[:2] == ["$source_login_batch", "false"]
                         for line in settings)
-        starter.install(job_starter, starters, login)
+        starter.install(job_starter, starters, login, cfg is None or cfg.cgroups)
         changed = starter.set_mom_config(pbs_home, job_starter, force)
     server = cfg.hook_server if cfg is not None else ""
     _write_hooks(mom_priv, server, cfg is not None and cfg.cgroups,

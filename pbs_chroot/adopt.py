@@ -16,9 +16,12 @@ the kernel's process events (the netlink proc connector, connector(4)):
   spawner sent): a job with a cgroup on this node gets the process, which is
   then let go (PTRACE_DETACH). Any other stop lets it go at once, the signal
   re-delivered. Nothing else of pbs_mom's children is touched.
-- EXEC of a direct child of pbs_mom that could not be seized (another
-  adopter holds it, or it exec'd first) -> placed as soon as seen: the late
-  path, with a window of the event latency.
+- EXEC of a direct child of pbs_mom that could not be seized before its exec
+  (the FORK event came late) -> seized now if it was not, stopped
+  (PTRACE_INTERRUPT), placed and let go: the late path. The job starter
+  (starter/job_starter.c, pbs_mom's $job_starter) holds a TM task of a job on
+  several cores or nodes until a cgroup of its job shows in /proc/self/cgroup,
+  so nothing of the user's runs before. (Another adopter holding it places it.)
 - FORK of an adopted process -> its child too (forked before its parent was
   moved, or it would be in the cgroup already).
 
@@ -36,6 +39,7 @@ import os
 import select
 import socket
 import struct
+import time
 
 from . import _sys
 from .errors import CgroupError
@@ -64,6 +68,7 @@ _NLMSG_HDR = struct.Struct("=IHHII")        # len, type, flags, seq, pid
 _CN_MSG = struct.Struct("=IIIIHH")          # idx, val, seq, ack, len, flags
 _EVENT_HDR = struct.Struct("=IIQ")          # what, cpu, timestamp_ns
 _TICK = 1.0                                 # how often the record is checked
+_HOLD = 1.0                                 # the longest wait for a task's stop
 
 
 def proc_starttime(pid: int) -> Optional[int]:
@@ -213,8 +218,8 @@ class Adopter:
             late = True
         self.adopt_tree(pid)
         if late:
-            log.warning("job %s: TM task %d ran before it could be seized: placed late "
-                        "(what it started and ended meanwhile was not in the job's cgroup)",
+            log.warning("job %s: TM task %d exec'd before it could be seized: placed "
+                        "at its exec event (the job starter holds it until then)",
                         self.job_id, pid)
 
     def on_event(self, what: int, data: bytes) -> None:
@@ -234,17 +239,47 @@ class Adopter:
             if pid in self.traced:
                 # A stopped tracee sends this event only once let go: so it exec'd
                 # before the seize took hold, and no exec stop will come.
-                self._place(pid, late=True)
-                try:
-                    _sys.ptrace(_sys.PTRACE_INTERRUPT, pid)  # then reap_traced lets go
-                except OSError:
-                    self.traced.discard(pid)
+                self._hold_and_place(pid)
             elif _ppid(pid) == self.mom_pid and self._job(pid) == self.job_id:
-                self._adopt_late(pid)
+                try:  # unseized (its FORK event came late): hold it while it is placed
+                    _sys.ptrace(_sys.PTRACE_SEIZE, pid, _sys.PTRACE_O_TRACEEXEC)
+                except OSError:  # gone, or another adopter holds it (and places it)
+                    self._adopt_late(pid)
+                    return
+                self.traced.add(pid)
+                self._hold_and_place(pid)
         elif what == _PROC_EVENT_EXIT:
             pid, tgid = struct.unpack_from("=II", data)
             if pid == tgid:
                 self.adopted.discard(pid)
+
+    def _hold_and_place(self, pid: int) -> None:
+        """Stop a traced task that exec'd unplaced, place it, let it go: the job starter
+        (job_starter.c) runs nothing of the user's until a cgroup of its job shows in
+        /proc/self/cgroup, and on cgroup v1 that is several writes, all done while
+        the task is stopped."""
+        try:
+            _sys.ptrace(_sys.PTRACE_INTERRUPT, pid)
+        except OSError:  # ended meanwhile
+            self.traced.discard(pid)
+            return
+        deadline = time.monotonic() + _HOLD
+        while True:
+            try:
+                done, status = os.waitpid(pid, _sys.WALL | os.WNOHANG)
+            except ChildProcessError:
+                self.traced.discard(pid)
+                return
+            if done or time.monotonic() > deadline:
+                break
+            time.sleep(0.0002)
+        if done and not os.WIFSTOPPED(status):  # exited or killed
+            self.traced.discard(pid)
+            return
+        self._place(pid, late=True)
+        if done:  # else: its stop comes later, and reap_traced lets it go
+            event = status >> 16
+            self._release(pid, os.WSTOPSIG(status) if event == 0 else 0)
 
     def _seize(self, pid: int) -> None:
         """Trace pbs_mom's new child until its exec (or any other stop)."""

@@ -5,7 +5,10 @@ never by the hooks. pbs_mom execs ``$job_starter`` inside the chroot, as the
 user, for every job (DESIGN.md): the host holds a pass-through starter at that
 path, and every stage binds the no_new_privs one over it (stage.bind_set), so
 jobs in an image can never gain privileges by an exec, while jobs on the host
-keep their setuid helpers. The C source is starter/job_starter.c.
+keep their setuid helpers. Both hold a TM task of a job on several cores or
+nodes until the task adopter has put it in the job's cgroup (built with
+AWAIT_PLACEMENT_MS = 0 where the config has ``cgroups = no``: no cgroup comes).
+The C source is starter/job_starter.c.
 """
 from __future__ import annotations
 
@@ -23,8 +26,8 @@ if TYPE_CHECKING:
 
     from .config import Config
 
-__all__ = ["SOURCE", "nnp_path", "build", "install", "mom_config_problem",
-           "set_mom_config", "read_mom_config", "node_problem"]
+__all__ = ["SOURCE", "AWAIT_PLACEMENT_MS", "nnp_path", "build", "install", "built_await",
+           "mom_config_problem", "set_mom_config", "read_mom_config", "node_problem"]
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "starter", "job_starter.c")
 _CC = ("cc", "gcc")
@@ -32,6 +35,10 @@ _CC = ("cc", "gcc")
 # a file its user cannot read is not dumpable, so the user cannot ptrace it
 # before it has set no_new_privs (job_starter.c).
 _MODES = (0o755, 0o711)
+# How long a TM task waits for its cgroup before it is refused (job_starter.c's default,
+# which the RPM's prebuilt starters have).
+AWAIT_PLACEMENT_MS = 10000
+_MARKER = b"pbs-chroot-job-starter await_placement_ms="
 
 
 def nnp_path(job_starter: str) -> str:
@@ -39,11 +46,17 @@ def nnp_path(job_starter: str) -> str:
     return job_starter + NNP_SUFFIX
 
 
-def build(dest: str, login_shell: bool = True) -> tuple[str, str]:
-    """Compile both starters, static, into directory ``dest``; return their paths."""
+def build(dest: str, login_shell: bool = True,
+          await_placement_ms: int = AWAIT_PLACEMENT_MS) -> tuple[str, str]:
+    """Compile both starters, static, into directory ``dest``; return their paths.
+
+    await_placement_ms: how long a TM task waits for its job's cgroup (0: never,
+    for ``cgroups = no``).
+    """
     out = (os.path.join(dest, "job_starter"), os.path.join(dest, "job_starter" + NNP_SUFFIX))
     for path, nnp, mode in zip(out, (False, True), _MODES):
-        flags = [f"-DNO_NEW_PRIVS={int(nnp)}", f"-DLOGIN_SHELL={int(login_shell)}"]
+        flags = [f"-DNO_NEW_PRIVS={int(nnp)}", f"-DLOGIN_SHELL={int(login_shell)}",
+                 f"-DAWAIT_PLACEMENT_MS={int(await_placement_ms)}"]
         err = "no C compiler found"
         for cc in _CC:
             try:
@@ -68,30 +81,51 @@ def build(dest: str, login_shell: bool = True) -> tuple[str, str]:
     return out
 
 
-def install(job_starter: str, prebuilt: Optional[str] = None, login_shell: bool = True) -> None:
+def install(job_starter: str, prebuilt: Optional[str] = None, login_shell: bool = True,
+            cgroups: bool = True) -> None:
     """Put both starters at ``job_starter`` and its -nnp sibling, root:root 0755 and 0711,
     atomically.
 
     prebuilt: a directory holding job_starter and job_starter-nnp already built
     (e.g. by the RPM); else they are compiled from the package's C source.
+    cgroups: the config's; without cgroups a TM task must not wait for one, and
+    prebuilt starters that would are compiled anew instead.
     """
     dest = os.path.dirname(job_starter)
     os.makedirs(dest, mode=0o755, exist_ok=True)
     resolve_admin_path(dest)  # root's all the way up: pbs_mom runs what is there
     with tempfile.TemporaryDirectory(prefix="pbs_chroot-starter.") as tmp:
+        built: tuple[str, ...] = ()
         if prebuilt:
             built = (os.path.join(prebuilt, "job_starter"),
                      os.path.join(prebuilt, "job_starter" + NNP_SUFFIX))
             for path in built:
                 resolve_admin_path(path)
-        else:
-            built = build(tmp, login_shell)
+            if any((built_await(path) != 0) != cgroups for path in built):
+                built = ()  # built for the other cgroups setting
+        if not built:
+            built = build(tmp, login_shell, AWAIT_PLACEMENT_MS if cgroups else 0)
         for src, dst, mode in zip(built, (job_starter, nnp_path(job_starter)), _MODES):
             if os.path.realpath(src) == os.path.realpath(dst):
                 os.chmod(dst, mode)  # already in place (an RPM installed them there)
                 continue
             with open(src, "rb") as f:
                 _write(dst, f.read(), mode)
+
+
+def built_await(path: str) -> Optional[int]:
+    """The AWAIT_PLACEMENT_MS a starter binary was built with (None: not known, an older
+    build). Reads the file, root's (resolve_admin_path) as the caller has checked."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(4 << 20)
+    except OSError:
+        return None
+    at = data.find(_MARKER)
+    if at < 0:
+        return None
+    digits = data[at + len(_MARKER):at + len(_MARKER) + 8].split(b"\0", 1)[0]
+    return int(digits) if digits.isdigit() else None
 
 
 def read_mom_config(pbs_home: str) -> Optional[list[str]]:
@@ -195,4 +229,13 @@ def node_problem(cfg: Config) -> str:
             return f"{e.detail} (pbs-chroot install puts the starters there)"
         if not os.access(path, os.X_OK):
             return f"{path} is not executable (pbs-chroot install puts the starters there)"
+        waits = built_await(path)
+        if waits is None or (waits != 0) != cfg.cgroups:
+            how = ("an older build that does not wait for the job's cgroup" if waits is None
+                   else "built to wait for the job's cgroup" if waits else
+                   "built not to wait for the job's cgroup")
+            return (f"{path} is {how}, but the config has cgroups = "
+                    f"{'yes' if cfg.cgroups else 'no'}: TM tasks would "
+                    f"{'run outside their cgroup' if cfg.cgroups else 'be refused'}; "
+                    "run pbs-chroot install again")
     return mom_config_problem(cfg.pbs_home, cfg.job_starter)

@@ -62,15 +62,18 @@ class TaskSpec:
         self.job_starter = mom_job_starter(Path(pbs_home) / "mom_priv")
 
 
-def start_process(spec: TaskSpec, argv: list, out: str, tasknum: int) -> int:
-    """Fork a TM task as pbs_mom's start_process does; its pid (a child of this process)."""
+def start_process(spec: TaskSpec, argv: list, out: str, tasknum: int,
+                  envp: Optional[dict] = None) -> int:
+    """Fork a TM task as pbs_mom's start_process does; its pid (a child of this process).
+    envp: what the spawner sent with tm_spawn (here laid over the job's environment, the
+    spawner's word winning: the worst case for anything that reads it)."""
     pid = os.fork()
     if pid == 0:
-        _run_child(lambda: _task_child(spec, argv, out, tasknum))
+        _run_child(lambda: _task_child(spec, argv, out, tasknum, envp or {}))
     return pid
 
 
-def _task_child(spec: TaskSpec, argv: list, out: str, tasknum: int) -> int:
+def _task_child(spec: TaskSpec, argv: list, out: str, tasknum: int, envp: dict) -> int:
     os.setsid()                                   # set_job()
     os.umask(0o077)
     null = os.open(os.devnull, os.O_RDONLY)
@@ -92,7 +95,7 @@ def _task_child(spec: TaskSpec, argv: list, out: str, tasknum: int) -> int:
         except OSError as err:
             _write(2, message.format(arg[:256], err.strerror) + "\n")
             return 254                            # JOB_EXEC_FAIL2, task not started
-    env = dict(spec.env, PBS_TASKNUM=str(tasknum))
+    env = dict(spec.env, PBS_TASKNUM=str(tasknum), **envp)
     for sig in (signal.SIGPIPE, signal.SIGXFSZ):
         signal.signal(sig, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_SETMASK, set())
@@ -262,12 +265,13 @@ class _SisterDaemon:
             mom_rc = hook.poll()
         return hook.rc, mom_rc
 
-    def op_spawn(self, job_id: str, argv: list, out: str, tasknum: int) -> dict:
+    def op_spawn(self, job_id: str, argv: list, out: str, tasknum: int,
+                 envp: Optional[dict] = None) -> dict:
         """IM_SPAWN_TASK -> start_process."""
         if job_id not in self.jobs:
             raise KeyError(f"job {job_id} is not on this node (requests: {self.log})")
         info = self.jobs[job_id]
-        pid = start_process(info["spec"], argv, out, tasknum)
+        pid = start_process(info["spec"], argv, out, tasknum, envp)
         info["tasks"].append(pid)
         return {"pid": pid}
 
@@ -386,21 +390,23 @@ class MultiNodeJob:
                    timeout, f"job {self.job.job_id} to start")
         assert running._start == 0, f"job {self.job.job_id} did not start: {running.poll()}"
 
-    def pbsdsh(self, argv: list, timeout: float = 60) -> dict:
-        """`pbsdsh -u argv`: one task on every node; {node: (exit code, output)}."""
+    def pbsdsh(self, argv: list, timeout: float = 60, envp: Optional[dict] = None) -> dict:
+        """`pbsdsh -u argv`: one task on every node; {node: (exit code, output)}.
+        envp: variables the spawner sends with each task (tm_spawn's envp)."""
         self.wait_running()
         self._spawned += 1
         outs: dict = {}
         spec = TaskSpec(self.job, str(self.ms.pbs_home), self.ms.server, 0, self.cookie)
         name = f"{self.job.job_id}.task{self._spawned}"
         out = str(self.out_dir / f"{name}.{self.ms.server}")
-        pid = start_process(spec, argv, out, self._spawned)
+        pid = start_process(spec, argv, out, self._spawned, envp)
         self.ms_tasks.append(pid)
         outs[self.ms.server] = (pid, out)
         for sister in self.joined:
             out = str(self.out_dir / f"{name}.{sister.name}")
             outs[sister.name] = (sister.call("spawn", job_id=self.job.job_id, argv=argv,
-                                             out=out, tasknum=self._spawned)["pid"], out)
+                                             out=out, tasknum=self._spawned,
+                                             envp=envp)["pid"], out)
         self.ms_codes.update(_wait_pids([pid], timeout))
         result = {self.ms.server: (self.ms_codes[pid], _read(outs[self.ms.server][1]))}
         for sister in self.joined:

@@ -34,14 +34,33 @@
  * between the exec and the prctl below and make it exec a setuid program
  * before no_new_privs is set.  The exec of the shell makes it dumpable again.
  *
+ * A TM task waits for its cgroup.  pbs_mom forks a TM task outside the job's
+ * process tree, and pbs_chroot's task adopter (../adopt.py) moves it into the
+ * job's cgroup on that node, racing pbs_mom from the fork to the exec.  So that
+ * no instruction of the user's program runs outside the job's cgroup (where
+ * what it starts would escape the epilogue's kill and the accounting), a
+ * process of a job on several cores or nodes (PBS_NP or PBS_NUM_NODES above 1:
+ * the jobs the prologues start an adopter for) does not exec until a line of
+ * /proc/self/cgroup names a cgroup of its PBS_JOBID (pbs_chroot's PARENT/JOBID,
+ * or Torque's own .../JOBID/...).  The job's shell is there already (the
+ * prologue moved it); a TM task is usually there too, placed at its exec stop.
+ * After AWAIT_PLACEMENT_MS without it (no adopter on the node), the task is
+ * refused: exit 125 and one line on its stderr.  Built with
+ * -DAWAIT_PLACEMENT_MS=0 for a node with `cgroups = no` (pbs-chroot install
+ * does this), where no cgroup will come.  pbs_mom sets PBS_JOBID, PBS_NP and
+ * PBS_NUM_NODES over the user's variables; a task that rewrites them only
+ * skips its own wait (the adopter still places it, late, and logs it).
+ *
  * Exit codes, as a shell's: 126 not executable, 127 not found, 125 our own
- * failure (prctl).
+ * failure (prctl, or the task never placed).
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
+#include <time.h>
 #include <unistd.h>
 
 #ifndef NO_NEW_PRIVS
@@ -50,6 +69,13 @@
 #ifndef LOGIN_SHELL
 #define LOGIN_SHELL 1
 #endif
+#ifndef AWAIT_PLACEMENT_MS
+#define AWAIT_PLACEMENT_MS 10000
+#endif
+#define STR_(x) #x
+#define STR(x) STR_(x)
+/* What `pbs-chroot check` reads to tell how this binary was built. */
+__attribute__((used)) const char build_marker[] = "pbs-chroot-job-starter await_placement_ms=" STR(AWAIT_PLACEMENT_MS);
 
 static void say(const char *a, const char *b, const char *c, const char *d)
 {
@@ -57,6 +83,97 @@ static void say(const char *a, const char *b, const char *c, const char *d)
     for (size_t i = 0; i < sizeof parts / sizeof parts[0]; i++)
         if (parts[i] != NULL && write(2, parts[i], strlen(parts[i])) < 0)
             return;
+}
+
+/* A count from pbs_mom's environment (0 if absent or not a plain number). */
+static long count_env(const char *name)
+{
+    const char *v = getenv(name);
+    if (v == NULL || *v == '\0' || strlen(v) > 6)
+        return 0;
+    long n = 0;
+    for (; *v; v++) {
+        if (*v < '0' || *v > '9')
+            return 0;
+        n = n * 10 + (*v - '0');
+    }
+    return n;
+}
+
+/* 1 if a line of /proc/self/cgroup ("ID:CONTROLLERS:PATH") has a path
+ * component equal to job; 0 if none does; -1 if it can't be read. */
+static int in_job_cgroup(const char *job)
+{
+    char buf[16384];
+    int fd = open("/proc/self/cgroup", O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -1;
+    size_t len = 0;
+    ssize_t n;
+    while (len < sizeof buf - 1 && (n = read(fd, buf + len, sizeof buf - 1 - len)) != 0) {
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            close(fd);
+            return -1;
+        }
+        len += (size_t)n;
+    }
+    close(fd);
+    buf[len] = '\0';
+    size_t jl = strlen(job);
+    for (char *line = buf; *line != '\0';) {
+        char *end = strchr(line, '\n');
+        if (end == NULL)
+            end = line + strlen(line);
+        char *path = memchr(line, ':', (size_t)(end - line));
+        if (path != NULL)
+            path = memchr(path + 1, ':', (size_t)(end - path - 1));
+        for (char *c = path != NULL ? path + 1 : end; c < end;) {
+            char *slash = memchr(c, '/', (size_t)(end - c));
+            char *stop = slash != NULL ? slash : end;
+            if ((size_t)(stop - c) == jl && memcmp(c, job, jl) == 0)
+                return 1;
+            c = stop + 1;
+        }
+        line = *end != '\0' ? end + 1 : end;
+    }
+    return 0;
+}
+
+/* Hold a task of a job on several cores or nodes until it is in its job's
+ * cgroup (see the top of this file); 0 when it may run, else 125. */
+static int await_placement(void)
+{
+    const char *job = getenv("PBS_JOBID");
+    if (AWAIT_PLACEMENT_MS <= 0 || job == NULL || *job == '\0' || strchr(job, '/') != NULL
+            || (count_env("PBS_NP") <= 1 && count_env("PBS_NUM_NODES") <= 1))
+        return 0;
+    struct timespec start, now;
+    clock_gettime(CLOCK_MONOTONIC, &start);
+    long pause_us = 200;
+    for (;;) {
+        int placed = in_job_cgroup(job);
+        if (placed == 1)
+            return 0;
+        if (placed < 0) {
+            say("can't read /proc/self/cgroup: ", strerror(errno),
+                "; not running a task of job ", job);
+            return 125;
+        }
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        long waited = (now.tv_sec - start.tv_sec) * 1000 + (now.tv_nsec - start.tv_nsec) / 1000000;
+        if (waited >= AWAIT_PLACEMENT_MS) {
+            say("this task of job ", job, " was not put in the job's cgroup in time (the node's "
+                "task adopter is not running): not run; tell your admin", NULL);
+            return 125;
+        }
+        struct timespec pause = { 0, pause_us * 1000 };
+        while (nanosleep(&pause, &pause) != 0 && errno == EINTR)
+            ;
+        if (pause_us < 20000)
+            pause_us *= 2;
+    }
 }
 
 int main(int argc, char **argv)
@@ -74,6 +191,8 @@ int main(int argc, char **argv)
             return 125;
         }
     }
+    if (await_placement() != 0)
+        return 125;
     char *prog = argv[1];
     char **args = argv + 1;
     char login[4096];

@@ -1,5 +1,6 @@
 """`pbs-chroot install`: hooks written as pbs_mom demands, foreign scripts respected."""
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -7,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from pbs_chroot import starter
 from pbs_chroot.errors import UserError
 from tests.conftest import Site, pbs_chroot_cli, starter_dir
 
@@ -142,3 +144,26 @@ def test_install_refuses_a_mom_config_that_would_bypass_the_starter(
         assert install(site, "--starters", str(starter_dir()), "--force").returncode == 0
         assert f"$job_starter {starter_dir() / 'job_starter'}" in \
             (mom_priv / "config").read_text()
+
+
+def test_starters_follow_the_configs_cgroups_setting(site: Site) -> None:
+    """With cgroups = no no task adopter runs, so a TM task must not wait for a cgroup:
+    install compiles starters that never wait, even when given prebuilt ones that do,
+    and check fails on starters built for the other setting."""
+    starter_path = site.base / "libexec" / "job_starter"
+    site.write_config(main=f"job_starter = {starter_path}\ncgroups = no\n")
+    mom_priv = site.pbs_home / "mom_priv"
+    mom_priv.mkdir(parents=True)
+    (mom_priv / "config").write_text("$pbsserver vm\n")
+    res = install(site, "--starters", str(starter_dir()))
+    assert res.returncode == 0, res.stderr
+    nnp = Path(f"{starter_path}-nnp")
+    assert starter.built_await(str(starter_path)) == starter.built_await(str(nnp)) == 0
+    assert starter.built_await(str(starter_dir() / "job_starter")) > 0
+    res = pbs_chroot_cli("--config", str(site.config), "check", check=False)
+    assert f"job starter {starter_path}" in res.stdout, res.stdout + res.stderr
+    shutil.copy(starter_dir() / "job_starter-nnp", nnp)  # the RPM's, with cgroups = no
+    res = pbs_chroot_cli("--config", str(site.config), "check", check=False)
+    assert res.returncode != 0
+    assert (f"{nnp} is built to wait for the job's cgroup, but the config has cgroups = no: "
+            "TM tasks would be refused; run pbs-chroot install again") in res.stdout + res.stderr

@@ -13,14 +13,17 @@ MOM = 100
 
 
 class FakeCgroup:
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, log: Optional[list] = None) -> None:
         self.name = name
         self.attached: list = []
+        self.log = log  # shared with the ptrace calls, to see the order
 
     def attach(self, pid: int) -> None:
         if pid == 999:
             raise CgroupError("no such process")
         self.attached.append(pid)
+        if self.log is not None:
+            self.log.append(("attach", pid))
 
     def procs(self) -> list:
         return list(self.attached)
@@ -42,12 +45,22 @@ def world(monkeypatch: pytest.MonkeyPatch) -> dict:
     monkeypatch.setattr(adopt, "children_of",
                         lambda pid: list(procs.get(pid, (None, None, []))[2]))
 
+    held: set = set()  # pids another adopter has seized
+
     def ptrace(request: int, pid: int, data: int = 0) -> None:
         calls.append((request, pid, data))
         if pid not in procs:
             raise OSError(3, "No such process")
+        if request == _sys.PTRACE_SEIZE and pid in held:
+            raise OSError(1, "Operation not permitted")
+
+    def waitpid(pid: int, options: int) -> tuple:
+        """A tracee's stop after PTRACE_INTERRUPT: SIGTRAP | PTRACE_EVENT_STOP << 8."""
+        calls.append(("wait", pid))
+        return pid, 0x7f | (5 << 8) | (128 << 16)
     monkeypatch.setattr(adopt._sys, "ptrace", ptrace)
-    return {"procs": procs, "ptrace": calls}
+    monkeypatch.setattr(adopt.os, "waitpid", waitpid)
+    return {"procs": procs, "ptrace": calls, "held": held}
 
 
 def _adopter(others: Optional[dict] = None) -> tuple:
@@ -60,10 +73,24 @@ def _adopter(others: Optional[dict] = None) -> tuple:
 def test_a_message_is_parsed_into_events(world: dict) -> None:
     a, mine = _adopter()
     world["procs"].update({7: (MOM, "1.vm", [8]), 8: (7, "1.vm", [])})
+    world["held"].add(7)  # another adopter holds it: placed as seen
     # two messages in one datagram: EXEC of pbs_mom's child 7 (unseized), EXIT of 7
     a._dispatch(_msg(adopt._PROC_EVENT_EXEC, 7, 7) + _msg(adopt._PROC_EVENT_EXIT, 7, 7, 0, 0))
     assert mine.attached == [7, 8]   # it and what it forked already
     assert 7 not in a.adopted and 8 in a.adopted
+
+
+def test_an_exec_seen_before_the_fork_is_seized_stopped_placed_and_let_go(world: dict) -> None:
+    """Its FORK event came after its exec: it is seized at the EXEC event and held while
+    every hierarchy's move is written (the job starter waits for the first it sees)."""
+    a, _ = _adopter()
+    mine = a.cgroup = FakeCgroup("p/1.vm", world["ptrace"])
+    world["procs"].update({7: (MOM, "1.vm", [])})
+    a.on_event(adopt._PROC_EVENT_EXEC, struct.pack("=II", 7, 7))
+    assert world["ptrace"] == [(_sys.PTRACE_SEIZE, 7, _sys.PTRACE_O_TRACEEXEC),
+                               (_sys.PTRACE_INTERRUPT, 7, 0), ("wait", 7), ("attach", 7),
+                               (_sys.PTRACE_DETACH, 7, 0)]
+    assert mine.attached == [7] and a.traced == set()
 
 
 def test_pbs_moms_new_child_is_seized_and_its_forks_followed(world: dict) -> None:
@@ -92,13 +119,16 @@ def test_placed_by_its_own_job_id(world: dict) -> None:
     assert other.attached == [7] and mine.attached == [8]  # no job, or not ours: left
 
 
-def test_an_exec_before_the_seize_took_hold_is_placed_then_interrupted(world: dict) -> None:
-    a, mine = _adopter()
+def test_an_exec_before_the_seize_took_hold_is_stopped_then_placed(world: dict) -> None:
+    a, _ = _adopter()
+    mine = a.cgroup = FakeCgroup("p/1.vm", world["ptrace"])
     world["procs"].update({7: (MOM, "1.vm", [])})
     a.traced.add(7)  # seized, but the EXEC event came: it exec'd first
     a.on_event(adopt._PROC_EVENT_EXEC, struct.pack("=II", 7, 7))
     assert mine.attached == [7]
-    assert world["ptrace"] == [(_sys.PTRACE_INTERRUPT, 7, 0)]  # reap_traced lets it go
+    # stopped before the first write, let go after the last
+    assert world["ptrace"] == [(_sys.PTRACE_INTERRUPT, 7, 0), ("wait", 7), ("attach", 7),
+                               (_sys.PTRACE_DETACH, 7, 0)]
 
 
 def test_a_vanished_process_is_skipped(world: dict) -> None:
