@@ -43,6 +43,7 @@ import time
 
 from . import _sys
 from .errors import CgroupError
+from . import log as _log
 from .log import get_logger
 
 TYPE_CHECKING = False
@@ -419,8 +420,14 @@ def _adopter_main(adopter: Adopter, w: int) -> None:
     code = 0
     try:
         null = os.open(os.devnull, os.O_RDWR)
-        for fd in (0, 1, 2):
-            os.dup2(null, fd)
+        # Nothing of the hook's stays open for the job's lifetime: its syslog socket, a
+        # lock's file, the hook server's connection, a pipe pbs_mom waits on. Each number
+        # gets /dev/null rather than being closed, so an object of the hook's that closes
+        # its number later closes only that, never a socket of ours that took it.
+        _log.reset()
+        for fd in (0, 1, 2, *_open_fds()):
+            if fd not in (w, null):
+                os.dup2(null, fd)
         os.chdir("/")
         try:  # the hook shielded itself from the OOM killer; a long-lived daemon must not be
             with open("/proc/self/oom_score_adj", "w") as f:
@@ -442,6 +449,13 @@ def _adopter_main(adopter: Adopter, w: int) -> None:
         code = 1
     finally:
         os._exit(code)
+
+
+def _open_fds() -> list[int]:
+    try:
+        return [int(fd) for fd in os.listdir("/proc/self/fd")]
+    except OSError:  # no /proc: the numbers a hook can have
+        return list(range(3, 256))
 
 
 def stop(pid: int, starttime: int) -> None:

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
                     Optional[TracebackType]]
 
 __all__ = ["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL", "Logger", "get_logger", "setup",
-           "use_socket", "syslog_only"]
+           "use_socket", "syslog_only", "reset"]
 
 DEBUG, INFO, WARNING, ERROR, CRITICAL = 10, 20, 30, 40, 50  # logging's levels
 _DAEMON = 3  # syslog(3) LOG_DAEMON
@@ -159,6 +159,13 @@ def setup(ident: str, address: str = "/dev/log", level: int = INFO,
     _sink = _Syslog(ident, address, level)
     if route_logging and "logging" in sys.modules:
         _route_logging_package(level)
+
+
+def reset() -> None:
+    """Forget the syslog socket (reconnected at the next record): for a forked process
+    that gives up its parent's files."""
+    if _sink is not None:
+        _sink.reset()
 
 
 def use_socket(address: str) -> None:
