@@ -10,9 +10,15 @@ import pytest
 
 from pbs_chroot import adopt, cgroups
 from tests.conftest import CG_PARENT
+from tests.integration.test_userns_entry import v2_delegated  # noqa: F401
 
 pytestmark = [pytest.mark.root,
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root: cgroups, netlink")]
+
+
+@pytest.fixture(autouse=True)
+def _delegated(v2_delegated: None) -> None:  # noqa: F811
+    """On a cgroup v2: the controllers delegated to the tests' parent, as systemd does."""
 
 
 def _fds(pid: int) -> list:

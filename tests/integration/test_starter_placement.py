@@ -13,12 +13,18 @@ import pytest
 
 from pbs_chroot import cgroups, starter
 from tests.conftest import CG_PARENT, starter_dir
+from tests.integration.test_userns_entry import v2_delegated  # noqa: F401
 
 pytestmark = [pytest.mark.root,
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root: cgroups")]
 
 AWAIT_MS = 1500
 TASK = "cat /proc/self/cgroup > {out}.tmp && mv {out}.tmp {out}"
+
+
+@pytest.fixture(autouse=True)
+def _delegated(v2_delegated: None) -> None:  # noqa: F811
+    """On a cgroup v2: the controllers delegated to the tests' parent, as systemd does."""
 
 
 @pytest.fixture(scope="module")
