@@ -84,7 +84,7 @@ def _preload() -> None:
             importlib.import_module(f"pbs_chroot.{name}")
         except ImportError as e:  # the worker imports it itself (and fails there, logged)
             logger.warning("can't preload pbs_chroot.%s: %s", name, e)
-    for name in ("subprocess", "pwd", "grp", "json", "traceback", "pyexpat"):
+    for name in ("subprocess", "pwd", "grp", "json", "traceback", "pyexpat", "_blake2"):
         importlib.import_module(name)
     gc.collect()
     gc.freeze()  # the workers' copy-on-write pages stay shared: no GC pass touches them
