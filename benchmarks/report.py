@@ -115,9 +115,9 @@ def throughput_text(res: dict) -> str:
     if lv:
         out.append(f"  lever `{lv['setting']}` (B) against the config without it (A), "
                    f"{lv['n']} jobs each, blocks of {lv['block']}:\n")
-        for case in ("noimage", "image"):
+        for case in ("noimage", "image", "srv_noimage", "srv_image"):
             c = lv[case]
-            out.append(f"    {case:<8} pair A {c['A_pair']['median']:.1f} (p90 "
+            out.append(f"    {case:<11} pair A {c['A_pair']['median']:.1f} (p90 "
                        f"{c['A_pair']['p90']:.1f}) -> B {c['B_pair']['median']:.1f} (p90 "
                        f"{c['B_pair']['p90']:.1f}) ms: x{c['pair_ratio']:.3f}; whole job "
                        f"{c['A_job']['median']:.1f} -> {c['B_job']['median']:.1f} ms\n")

@@ -511,7 +511,8 @@ def lever(mom: Mom, node: Node, ids: Ids, n: int, setting: str, mom_ms: float,
     after ``mom_ms`` of quiet, as in the throughput section (the cgroup v1 attach waits
     for an RCU grace period after a quiet spell only)."""
     image = [("PBS_O_ROOTDIR", str(node.image))]
-    cases = {"noimage": [("MYVAR", "x")], "image": image}
+    cases = {"noimage": (None, [("MYVAR", "x")]), "image": (None, image),
+             "srv_noimage": ("srv", [("MYVAR", "x")]), "srv_image": ("srv", image)}
     out: dict = {"setting": setting, "n": n, "block": block, "mom_ms": mom_ms}
     data: dict = {(c, v): {"pair": [], "job": []} for c in cases for v in "AB"}
     done = 0
@@ -519,10 +520,10 @@ def lever(mom: Mom, node: Node, ids: Ids, n: int, setting: str, mom_ms: float,
     while done < n:
         node.write_config(main=setting + "\n" if variant == "B" else "")
         for k in range(block):
-            for case, variables in cases.items():
+            for case, (hooks, variables) in cases.items():
                 time.sleep(mom_ms / 1000)
                 t0 = time.perf_counter_ns()
-                job = _must(mom.run(Job(ids(), variables, "shell", TRIVIAL)))
+                job = _must(mom.run(_job(ids, node, variables, hooks or "py")))
                 t1 = time.perf_counter_ns()
                 if k:
                     data[(case, variant)]["pair"].append((job.pro_ns or 0) + (job.epi_ns or 0))

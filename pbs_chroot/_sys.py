@@ -1,5 +1,5 @@
 """Raw Linux system calls that the os module lacks: mount, umount2, prctl, unshare, ptrace,
-pivot_root, capset.
+pivot_root, capset, openat2.
 
 The only module that imports ctypes. Every wrapper raises
 OSError(errno, strerror, path) on failure. Run as root by the hooks, the
@@ -24,7 +24,9 @@ __all__ = [
     "MS_NOATIME", "MS_NODIRATIME", "MS_RELATIME", "MS_STRICTATIME",
     "PTRACE_SEIZE", "PTRACE_DETACH", "PTRACE_INTERRUPT", "PTRACE_O_TRACEEXEC",
     "PTRACE_EVENT_EXEC", "PTRACE_EVENT_STOP", "WALL",
+    "RESOLVE_NO_XDEV",
     "mount", "umount2", "prctl", "unshare", "ptrace", "crypt", "pivot_root", "capset_clear",
+    "openat2",
 ]
 
 # <sys/mount.h>
@@ -59,6 +61,10 @@ PR_CAP_AMBIENT_CLEAR_ALL = 4
 _SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "ppc64le": 203, "s390x": 217,
                    "riscv64": 41}
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
+# openat2(2) (Linux >= 5.6): the same number on every architecture above.
+_SYS_OPENAT2 = 437
+_AT_FDCWD = -100
+RESOLVE_NO_XDEV = 0x01
 # <sys/ptrace.h>, <sys/wait.h>
 PTRACE_DETACH = 17
 PTRACE_SEIZE = 0x4206
@@ -124,6 +130,17 @@ def pivot_root(new_root: str, put_old: str) -> None:
         raise OSError(38, os.strerror(38), "pivot_root")  # ENOSYS: unknown architecture
     if _libc.syscall(nr, _b(new_root), _b(put_old)) != 0:
         raise _fail(new_root)
+
+
+def openat2(path: str, flags: int, resolve: int) -> int:
+    """openat2(2) relative to the working directory: a new fd, or OSError (ENOSYS on a
+    kernel without it; EXDEV when RESOLVE_NO_XDEV met a mount on the way)."""
+    how = (ctypes.c_uint64 * 3)(flags, 0, resolve)  # struct open_how: flags, mode, resolve
+    fd = int(_libc.syscall(_SYS_OPENAT2, _AT_FDCWD, _b(path), ctypes.byref(how),
+                           ctypes.c_size_t(ctypes.sizeof(how))))
+    if fd < 0:
+        raise _fail(path)
+    return fd
 
 
 def capset_clear() -> None:

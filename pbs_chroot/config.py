@@ -93,7 +93,7 @@ class Config(Record):
                  "memory_policy", "memory_cap", "limit_swap", "pids_max", "kill_timeout",
                  "accounting_log", "identity", "tmpdir", "user_dirs", "job_starter",
                  "entry_dir", "early_attach", "stage_grace", "defer_teardown", "identity_cache",
-                 "image_resource", "hook_server")
+                 "image_resource", "hook_server", "shell_cache")
 
     def __init__(self, path: str, images: tuple[Image, ...], binds: tuple[BindSpec, ...],
                  state_dir: str = "/var/lib/pbs_chroot", pbs_home: str = "/var/spool/torque",
@@ -111,7 +111,8 @@ class Config(Record):
                  job_starter: str = DEFAULT_JOB_STARTER, entry_dir: str = "",
                  early_attach: bool = True, stage_grace: float = 0.0,
                  defer_teardown: bool = False, identity_cache: float = 60.0,
-                 image_resource: str = "image", hook_server: str = "") -> None:
+                 image_resource: str = "image", hook_server: str = "",
+                 shell_cache: bool = True) -> None:
         self.path = path
         self.images = images
         self.binds = binds
@@ -150,6 +151,7 @@ class Config(Record):
         self.image_resource = image_resource  # OpenPBS: qsub -l NAME=/chroot/sl5 (openpbs.py)
         # The hook server's socket (hookd.py; '' = no: the hooks are the Python scripts).
         self.hook_server = hook_server
+        self.shell_cache = shell_cache  # remember shells found in a stage (shells.ShellCache)
 
     def image(self, path: str) -> Optional[Image]:
         """The allowlisted image whose path equals ``path`` as text, or None."""
@@ -288,6 +290,7 @@ _FIELDS = {
     "entry_dir": "abspath",
     "early_attach": "bool", "stage_grace": "grace", "defer_teardown": "bool",
     "identity_cache": "grace", "image_resource": "resname", "hook_server": "hookserver",
+    "shell_cache": "bool",
 }
 DEFAULT_HOOK_SERVER = "/run/pbs_chroot/hookd/sock"
 _IDENTITY_MODES = ("generated", "host", "nscd")

@@ -22,7 +22,8 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Callable, Optional, Sequence
 
-    from .config import Config, Image
+    from . import shells
+    from .config import Config
     from .jobinfo import JobVariables, PendingRead
 
 __all__ = ["prologue_main", "epilogue_main", "run_main", "offline_node", "is_parallel", "LOST"]
@@ -99,17 +100,22 @@ def _prologue(cfg: Config, argv: Sequence[str], parent: Optional[int]) -> None:
 def _start(cfg: Config, job: lifecycle.Job, argv0: str, pid: Optional[int],
            spawner: Optional[int], pending: PendingRead) -> None:
     """Check the request and start the job: its record, cgroup, stage, attach."""
+    chosen: list[Optional[str]] = []
+    # The job's shell is looked up in its stage, once the job has joined it.
+    joined = None if is_parallel(argv0) else (
+        lambda version: _check_shell(cfg, job, chosen[-1] or version, version,
+                                     pending.result()))
     if cfg.cgroups and cfg.early_attach and pid is not None:
         # The server query overlaps the move into the cgroup (early.py); a refusal
         # undoes the job's start, moving the process back out first.
         ensure_layout(cfg.state_dir)
-        chosen: list[Optional[str]] = []
         version = lifecycle.start_job(cfg, job, None, pid, spawner,
-                                      lambda: _checked(cfg, job, argv0, chosen, pending))
+                                      lambda: _checked(cfg, job, argv0, chosen, pending),
+                                      joined)
         image = chosen[0] if chosen else None
     else:
         try:
-            image = _checked(cfg, job, argv0, [], pending)
+            image = _checked(cfg, job, argv0, chosen, pending)
         except UserError as e:
             if not is_parallel(argv0):
                 raise
@@ -123,7 +129,7 @@ def _start(cfg: Config, job: lifecycle.Job, argv0: str, pid: Optional[int],
         if image is None and not cfg.cgroups:
             return
         ensure_layout(cfg.state_dir)
-        version = lifecycle.start_job(cfg, job, image, pid, spawner)
+        version = lifecycle.start_job(cfg, job, image, pid, spawner, joined=joined)
     if image is not None:
         logger.info("job %s (user %s, queue %s) runs in image %s (version %s)",
                     job.job_id, job.user, job.queue, image, version)
@@ -132,43 +138,58 @@ def _start(cfg: Config, job: lifecycle.Job, argv0: str, pid: Optional[int],
 def _checked(cfg: Config, job: lifecycle.Job, argv0: str, chosen: list[Optional[str]],
              pending: PendingRead) -> Optional[str]:
     """The allowlisted path the job asks for (None: no image), read from the server and
-    checked, with its shell; UserError if refused, after telling the user in the job's
-    error file. Also appended to ``chosen``."""
+    checked (its shell is checked later, in its stage: _check_shell); UserError if
+    refused, after telling the user in the job's error file. Also appended to ``chosen``."""
     from . import jobinfo
     variables = pending.result()
-    sister = is_parallel(argv0)
     try:
         image = gate.check_request(variables.entries, jobinfo.lossy_names(variables.raw), cfg,
                                    job.user, job.queue)
-        if image is not None and not sister:
-            # The job's shell runs on the mother superior only; and a sister's
-            # prologue.parallel holds up pbs_mom's main loop while it runs.
-            _check_shell(cfg, image, variables.shell, job.user)
     except UserError as e:
-        if not sister:  # once, from the mother superior
+        if not is_parallel(argv0):  # once, from the mother superior
             _tell_user_file(job.job_id, job.user, variables, e.user_msg)
         raise
     chosen.append(image.path if image is not None else None)
     return chosen[-1]
 
 
-def _check_shell(cfg: Config, image: Image, shell_list: str, user: str) -> None:
-    """Refuse a job whose shell pbs_mom could not exec in the image (UserError)."""
+def _check_shell(cfg: Config, job: lifecycle.Job, image: str, version: str,
+                 variables: JobVariables) -> None:
+    """Refuse a job whose shell pbs_mom could not exec in its stage (UserError, after
+    telling the user in the job's error file). The mother superior's only: the job's
+    shell runs there, and a sister's prologue.parallel holds up pbs_mom's main loop."""
     import pwd
 
     from . import shells
     node = cfg.node_name or os.uname().nodename
     try:
-        pw = pwd.getpwnam(user)
+        pw = pwd.getpwnam(job.user)
     except KeyError:
-        raise SiteError(f"job owner {user!r} is not known on this node") from None
-    shell = shells.pick_shell(shell_list, node) or pw.pw_shell or "/bin/sh"  # as pbs_mom
+        raise SiteError(f"job owner {job.user!r} is not known on this node") from None
+    shell = shells.pick_shell(variables.shell, node) or pw.pw_shell or "/bin/sh"  # as pbs_mom
     binds = [b.target for b in cfg.binds] + ([cfg.tmpdir] if cfg.tmpdir else [])
-    ids = (pw.pw_uid, pw.pw_gid, os.getgrouplist(user, pw.pw_gid))
-    problem = shells.shell_problem_as_user(image.path, shell, *ids, skip=binds)
+    ids = (pw.pw_uid, pw.pw_gid, os.getgrouplist(job.user, pw.pw_gid))
+    cache = _shell_cache(cfg, version) if cfg.shell_cache else None
+    problem = shells.shell_problem_as_user(version, shell, *ids, skip=binds, cache=cache)
     if problem:
-        hint = not shells.shell_problem_as_user(image.path, shells.SHELL_HINT, *ids)
-        raise UserError(shells.refusal(image.path, shell, problem, hint))
+        hint = not shells.shell_problem_as_user(version, shells.SHELL_HINT, *ids, cache=cache)
+        e = UserError(shells.refusal(image, shell, problem, hint))
+        _tell_user_file(job.job_id, job.user, variables, e.user_msg)
+        raise e
+
+
+def _shell_cache(cfg: Config, version: str) -> Optional[shells.ShellCache]:
+    """The remembered shells of ``version``'s stage, keyed on what it mounts (None: its
+    info.json names no mount points, e.g. a stage kept from an older config)."""
+    from . import shells
+    from .stage import stage_dir
+    from .state import read_json
+    info = read_json(os.path.join(stage_dir(cfg, version), "info.json"))
+    targets = info.get("targets") if isinstance(info, dict) else None
+    if not isinstance(targets, list):
+        return None
+    return shells.ShellCache(os.path.join(cfg.state_dir, "shells"), version,
+                             "\0".join(str(t) for t in targets))
 
 
 def _tell_user_file(job_id: str, user: str, variables: JobVariables, msg: str) -> None:

@@ -48,7 +48,8 @@ class Job(Record):
 
 def start_job(cfg: Config, job: Job, image: Optional[str], attach_pid: Optional[int],
               tasks_of: Optional[int] = None,
-              check: Optional[Callable[[], Optional[str]]] = None) -> Optional[str]:
+              check: Optional[Callable[[], Optional[str]]] = None,
+              joined: Optional[Callable[[str], None]] = None) -> Optional[str]:
     """Record the job, make its cgroup, join its stage, attach its process; undo on failure.
 
     ``tasks_of``: pbs_mom's pid, for a job on several nodes: its TM tasks on
@@ -58,6 +59,8 @@ def start_job(cfg: Config, job: Job, image: Optional[str], attach_pid: Optional[
     is being moved into it (early.py), and a refusal undoes everything,
     moving the process back out first. Returns the image version the job's
     stage is of (resolved under the node lock).
+    joined: called with that version once the job is in its stage (the prologue checks
+    the job's shell there, as pbs_mom will see it); a refusal undoes everything too.
     """
     version = None
     record: dict[str, Any] = {"job_id": job.job_id, "user": job.user, "group": job.group,
@@ -78,6 +81,8 @@ def start_job(cfg: Config, job: Job, image: Optional[str], attach_pid: Optional[
             image = record["image"] = check()
         if image is not None:
             version = _join_stage(cfg, job, image, record, undo)
+            if joined is not None:
+                joined(version)
         if early is not None:
             early.wait(cfg.lock_timeout)
             faults.point("attached")

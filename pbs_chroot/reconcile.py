@@ -19,7 +19,7 @@ from .config import Config
 from .errors import PbsChrootError
 from .state import is_job_id, list_records, node_lock, read_json
 
-__all__ = ["Outcome", "is_running", "cleanup"]
+__all__ = ["Outcome", "is_running", "cleanup", "prune_shells"]
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,46 @@ def cleanup(cfg: Config, dry_run: bool = False, running: Sequence[str] = ()) -> 
         return out
     _prune_members(cfg, files, records, out, dry_run)
     _prune_cgroups(cfg, files, records, out, dry_run)
+    if not dry_run:
+        prune_shells(cfg)
     return out
+
+
+def prune_shells(cfg: Config) -> int:
+    """Forget remembered shells (shells.ShellCache) of versions that are gone or were
+    replaced (another device, inode or ctime); the number removed."""
+    from .shells import CACHE_VERSION
+    base = os.path.join(cfg.state_dir, "shells")
+    removed = 0
+    for name in _files(base):
+        path = os.path.join(base, name)
+        key = _safe(read_json, path)
+        lines = key.split("\n") if isinstance(key, str) else []
+        if len(lines) > 2 and lines[0] == CACHE_VERSION and _same_version(lines[1], lines[2]):
+            continue
+        try:
+            os.unlink(path)
+            removed += 1
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            log.error("cleanup: can't remove %s: %s", path, e.strerror)
+    return removed
+
+
+def _same_version(version: str, ident: str) -> bool:
+    try:
+        st = os.stat(version)
+    except OSError:
+        return False
+    return ident == f"{st.st_dev}:{st.st_ino}:{st.st_ctime_ns}"
+
+
+def _files(path: str) -> list[str]:
+    try:
+        return sorted(e.name for e in os.scandir(path) if not e.is_dir(follow_symlinks=False))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
 
 
 def _prune_members(cfg: Config, files: list[str], records: set[str], out: Outcome,

@@ -4,9 +4,14 @@ The shell's path is the user's (qsub -S) or the login shell from NSS: it is
 only ever looked up, never created or written.
 
 - The prologue (root) uses shell_problem_as_user(): a child chroots into the
-  image as pbs_mom will, drops to the user for good, and looks the path up
+  job's stage as pbs_mom will, drops to the user for good, and looks the path up
   there, so root follows no link the user made (a staged image shows the
-  host's homes) and learns nothing the user could not.
+  host's homes) and learns nothing the user could not. A shell found that way
+  without crossing a mount (openat2 RESOLVE_NO_XDEV: only the version's own tree,
+  which never changes once deployed, was looked at) is remembered in the state
+  directory, keyed on the version (path, device, inode, ctime), the stage's mount
+  points, the user's uid, gid and groups and the path: the next job with the same
+  key skips the child (ShellCache).
 - The submit filter (the user) uses shell_problem(): the path is resolved
   *inside* the image tree, every component opened with O_NOFOLLOW relative to
   the one before, a symlink followed by hand as the kernel would after
@@ -23,7 +28,7 @@ if TYPE_CHECKING:
     from typing import Iterable, Optional
 
 __all__ = ["shell_problem", "shell_problem_as_user", "pick_shell", "refusal", "SHELL_HINT",
-           "kill_and_leave"]
+           "kill_and_leave", "ShellCache", "CACHE_VERSION"]
 
 _MAX_LINKS = 40  # the kernel's limit on symlinks in one lookup (path_resolution(7))
 _O_PATH = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -136,32 +141,90 @@ def _resolve(root_fd: int, path: str) -> Optional[int]:
 
 # Exit codes of shell_problem_as_user's child, and what they mean.
 _CHILD = {1: "is not in the image", 2: "is not a file in the image",
-          3: "is not executable in the image", 4: ""}  # 4: can't tell (set-up failed)
+          3: "is not executable in the image", 4: "",  # 4: can't tell (set-up failed)
+          5: ""}  # 5: runs, and was found without crossing a mount (can be remembered)
+_CONFINED = 5
 _DEADLINE = 5.0
+CACHE_VERSION = "shells-v1"  # the first line of a ShellCache entry
+
+
+class ShellCache:
+    """Shells found runnable in a stage, one file per key in ``cache_dir`` (root's, in
+    the state directory): its name a digest of the key, its content the key itself, which
+    must match exactly (a torn or foreign file is a miss). ``stage``: what the stage mounts
+    (its mount points, from its info.json): a stage of the same version with other mounts
+    may hide a path the lookup went through, so it has other keys."""
+
+    __slots__ = ("cache_dir", "version", "stage")
+
+    def __init__(self, cache_dir: str, version: str, stage: str) -> None:
+        self.cache_dir = cache_dir
+        self.version = version
+        self.stage = stage
+
+    def key(self, shell: str, uid: int, gid: int, groups: list[int]) -> str:
+        st = os.stat(self.version)
+        return "\n".join([CACHE_VERSION, self.version,
+                          f"{st.st_dev}:{st.st_ino}:{st.st_ctime_ns}", self.stage,
+                          f"{uid}:{gid}:{','.join(str(g) for g in sorted(set(groups)))}",
+                          shell])
+
+    def _path(self, key: str) -> str:
+        from _blake2 import blake2b  # (not hashlib: loading OpenSSL costs ~3 ms)
+        return os.path.join(self.cache_dir, blake2b(key.encode(), digest_size=16).hexdigest())
+
+    def has(self, key: str) -> bool:
+        """Whether ``key`` is remembered (an unreadable entry is not)."""
+        from .errors import StateError
+        from .state import read_json
+        try:
+            return read_json(self._path(key)) == key
+        except (StateError, OSError, ImportError):  # a miss: the lookup runs
+            return False
+
+    def remember(self, key: str) -> None:
+        """Remember ``key`` (atomically; a failure only costs the next job the lookup)."""
+        from .errors import StateError
+        from .state import write_json
+        try:
+            write_json(self._path(key), key)
+        except (StateError, OSError, ImportError):
+            pass
 
 
 def shell_problem_as_user(root: str, shell: str, uid: int, gid: int, groups: list[int],
-                          skip: Iterable[str] = ()) -> str:
+                          skip: Iterable[str] = (), cache: Optional[ShellCache] = None) -> str:
     """shell_problem() as pbs_mom meets it: in a child that chroots into ``root`` (as
     root, like pbs_mom), then drops to the user for good and looks the shell up there.
     Root follows no link of the user's and learns nothing the user could not see.
-    Returns '' when the shell would run, or when the check itself could not be made."""
+    Returns '' when the shell would run, or when the check itself could not be made.
+    ``cache``: ``root`` is that stage's version; a shell it remembers for these ids is
+    not looked up again, and one found without crossing a mount is remembered."""
     if not shell.startswith("/"):
         return "is not an absolute path"
     shell = _plain(shell)
     if not shell or _below(shell, skip):
         return ""
+    key = cache.key(shell, uid, gid, groups) if cache is not None else ""
+    if cache is not None:
+        if cache.has(key):
+            return ""
+        from . import _sys  # noqa: F401 - the child's openat2, loaded before the chroot
     pid = os.fork()
     if pid == 0:
         code = 4
         try:
-            code = _child_lookup(root, shell, uid, gid, groups)
+            code = _child_lookup(root, shell, uid, gid, groups, cache is not None)
         finally:
             os._exit(code)
-    return _CHILD.get(_wait(pid), "")
+    code = _wait(pid)
+    if code == _CONFINED and cache is not None:
+        cache.remember(key)
+    return _CHILD.get(code, "")
 
 
-def _child_lookup(root: str, shell: str, uid: int, gid: int, groups: list[int]) -> int:
+def _child_lookup(root: str, shell: str, uid: int, gid: int, groups: list[int],
+                  confined: bool = False) -> int:
     try:
         os.chroot(root)
         os.chdir("/")
@@ -178,7 +241,21 @@ def _child_lookup(root: str, shell: str, uid: int, gid: int, groups: list[int]) 
         return 1
     if not stat.S_ISREG(st.st_mode):
         return 2
-    return 0 if os.access(shell, os.X_OK) else 3
+    if not os.access(shell, os.X_OK):
+        return 3
+    return _CONFINED if confined and _in_own_tree(shell) else 0
+
+
+def _in_own_tree(path: str) -> bool:
+    """Whether ``path`` resolves (links followed) without crossing a mount: then only the
+    version's own files were looked at, which a deploy never changes."""
+    from . import _sys
+    try:
+        fd = _sys.openat2(path, os.O_PATH | os.O_CLOEXEC, _sys.RESOLVE_NO_XDEV)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
 
 
 def _wait(pid: int) -> int:

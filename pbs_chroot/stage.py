@@ -183,6 +183,8 @@ def join_locked(cfg: Config, job_ids: Sequence[str], version: str,
         # ... but a new job never starts without no_new_privs: the starter's
         # binds are added to it (a stage made before the job starter was).
         _add_starter_binds(cfg, version, steps, info)
+        if isinstance(info, dict) and info.pop("targets", None) is not None:
+            write_json(os.path.join(sdir, "info.json"), info)  # no shell remembered here
     elif problem:
         _build(cfg, sdir, version, steps, info, mode)
     faults.point("stage:ready")
@@ -395,7 +397,9 @@ def _build(cfg: Config, sdir: str, version: str, steps: list[mounts.MountStep],
         except FileExistsError:
             pass
     info = {"version": version, "state": "setting-up", "pre": sorted(keep),
-            "entry": entry.path_of(cfg, sdir)}
+            "entry": entry.path_of(cfg, sdir),
+            # What it mounts where: the shells remembered in it are keyed on it (shells.py).
+            "targets": sorted(s.spec.target for s in steps)}
     write_json(os.path.join(sdir, "info.json"), info)  # before the first mount
     faults.point("stage:info_written")
     _report_setuid(cfg, version)

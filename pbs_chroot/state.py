@@ -48,7 +48,7 @@ def check_job_id(job_id: str) -> str:
 
 def ensure_layout(state_dir: str) -> None:
     """Create the root-only state directory tree if it is missing."""
-    for sub in ("", "jobs", "stages", "audit"):
+    for sub in ("", "jobs", "stages", "audit", "shells"):
         path = os.path.join(state_dir, sub)
         try:
             os.mkdir(path, 0o700)

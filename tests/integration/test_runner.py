@@ -37,7 +37,7 @@ def test_job_runs_in_the_image_as_the_user(site: Site) -> None:
     assert "exited with status 0" in res.stderr
     assert mount_points() == before
     assert site.state_files() == ["audit", "audit/" + os.listdir(site.state / "audit")[0],
-                                  "jobs", "lock", "stages"]
+                                  "jobs", "lock", "shells", "stages"]
 
 
 def _run_on_a_pty(argv: list) -> tuple[int, str]:

@@ -187,10 +187,15 @@ def test_64_jobs_on_two_versions_while_the_symlink_is_switched(node: Node) -> No
     assert set(seen.values()) == {"v1", "v2"}, seen  # both versions really ran jobs
     assert switches >= 10
     assert mount_points() == before
-    after = site.state_files()  # plus the audit mark of v2's first set-up
-    assert [f for f in after if not f.startswith("audit/")] == \
-        [f for f in state_before if not f.startswith("audit/")]
-    assert len(after) == len(state_before) + 1 and set(state_before) <= set(after)
+    # Plus the audit mark of v2's first set-up, and the shell its jobs' prologues found
+    # there (shells.ShellCache: one per version).
+    after = site.state_files()
+    assert [f for f in after if not f.startswith(("audit/", "shells/"))] == \
+        [f for f in state_before if not f.startswith(("audit/", "shells/"))]
+    assert set(state_before) <= set(after)
+    for sub in ("audit/", "shells/"):
+        assert len([f for f in after if f.startswith(sub)]) == \
+            len([f for f in state_before if f.startswith(sub)]) + 1, (sub, after)
     assert node.offline_calls() == []
     acct = {a["job_id"]: a for a in site.accounting_lines()}
     both = [a for a in acct.values() if len(a.get("versions", ())) == 2]

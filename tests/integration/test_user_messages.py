@@ -1,6 +1,7 @@
 """What a Torque user is told: at qsub (the submit filter, run as the user) and at start
 (the prologue's refusal appended to the job's own error file, as the user; the shell check)."""
 import io
+import json
 import os
 import shutil
 import stat
@@ -238,4 +239,83 @@ def test_shell_is_judged_with_the_users_rights_not_roots(node: Node, where: str,
     res = node.emu.run(job)
     assert res.prologue_rc == 1, res.stderr
     assert f"the job's shell /{where} {problem}" in res.stderr
+    node.assert_clean()
+
+
+def _remembered(node: Node) -> list:
+    """The keys of the shells the prologues remembered (shells.ShellCache), one list of
+    lines each."""
+    base = node.site.state / "shells"
+    return [json.loads((base / n).read_text()).split("\n") for n in sorted(os.listdir(base))
+            if ".tmp." not in n]
+
+
+def test_a_shell_found_in_the_image_is_remembered_and_used(node: Node) -> None:
+    """The lookup's child runs once per version, stage mounts, ids and path: the next job
+    with the same key is not looked up again (an entry planted for a shell the image lacks
+    lets that job through, which shows the entry is what decides)."""
+    job = node.job(node.rootdir())
+    job.shell = "/bin/sh"
+    assert node.emu.run(job).action == "ran"
+    keys = _remembered(node)
+    assert len(keys) == 1, keys
+    st = os.stat(node.site.version)
+    ident = f"{st.st_dev}:{st.st_ino}:{st.st_ctime_ns}"
+    assert keys[0][1:3] == [str(node.site.version), ident]
+    assert keys[0][4].startswith(f"{UID}:{GID}:") and keys[0][5] == "/bin/sh"
+    # The same key for a path the image lacks, written as the cache writes it.
+    from pbs_chroot import shells
+    cache = shells.ShellCache(str(node.site.state / "shells"), keys[0][1], keys[0][3])
+    uid, gid, groups = keys[0][4].split(":")
+    ids = (int(uid), int(gid), [int(g) for g in groups.split(",")])
+    cache.remember(cache.key("/bin/bash", *ids))
+    job = node.job(node.rootdir())
+    job.shell = "/bin/bash"
+    assert node.emu.run(job).action == "ran"
+    # Without the cache, that job is refused as before.
+    node.configure("shell_cache = no\n")
+    job = node.job(node.rootdir())
+    job.shell = "/bin/bash"
+    assert node.emu.run(job).prologue_rc == 1
+    node.assert_clean()
+
+
+def test_a_shell_reached_through_a_mount_is_never_remembered(node: Node) -> None:
+    """A link in the image to a path the stage mounts (the user's home): what is there is
+    the user's to change, so every job looks it up again."""
+    v = node.site.version
+    home = home_of(USER)
+    (v / "opt").mkdir(mode=0o755, exist_ok=True)
+    (v / "opt" / "mysh").symlink_to(f"{home}/mysh")
+    shutil.copy(v / "bin" / "busybox", home / "mysh")
+    os.chown(home / "mysh", UID, GID)
+    try:
+        job = node.job(node.rootdir())
+        job.shell = "/opt/mysh"
+        assert node.emu.run(job).action == "ran"
+        assert [k[5] for k in _remembered(node)] == []
+        os.unlink(home / "mysh")  # the user removes it: the next job is refused
+        job = node.job(node.rootdir())
+        job.shell = "/opt/mysh"
+        res = node.emu.run(job)
+        assert res.prologue_rc == 1 and "/opt/mysh is not in the image" in res.stderr
+    finally:
+        os.unlink(v / "opt" / "mysh")
+        if (home / "mysh").exists():
+            os.unlink(home / "mysh")
+    node.assert_clean()
+
+
+def test_cleanup_forgets_the_shells_of_versions_that_are_gone(node: Node) -> None:
+    from pbs_chroot import config, reconcile, shells
+    job = node.job(node.rootdir())
+    job.shell = "/bin/sh"
+    assert node.emu.run(job).action == "ran"
+    base = node.site.state / "shells"
+    gone = shells.ShellCache(str(base), str(node.site.base / "gone-version"), "")
+    gone.remember("\n".join([shells.CACHE_VERSION, gone.version, "1:2:3", "", "0:0:0", "/x"]))
+    (base / "torn").write_text('"shells-v1\\n')
+    assert len(os.listdir(base)) == 3
+    assert reconcile.prune_shells(config.load(str(node.site.config))) == 2
+    assert [k[5] for k in _remembered(node)] == ["/bin/sh"]
     node.assert_clean()

@@ -1,4 +1,5 @@
-"""Issue 16's settings: early_attach, stage_grace, defer_teardown, identity_cache."""
+"""Issue 16's settings: early_attach, stage_grace, defer_teardown, identity_cache,
+shell_cache."""
 import pytest
 
 from pbs_chroot import config
@@ -9,8 +10,8 @@ IMAGE = "\n[image /chroot/sl5]\n"
 
 def test_defaults_keep_the_old_teardown() -> None:
     cfg = config.parse("[pbs_chroot]\n" + IMAGE)
-    assert (cfg.early_attach, cfg.stage_grace, cfg.defer_teardown, cfg.identity_cache) == \
-        (True, 0.0, False, 60.0)
+    assert (cfg.early_attach, cfg.stage_grace, cfg.defer_teardown, cfg.identity_cache,
+            cfg.shell_cache) == (True, 0.0, False, 60.0, True)
 
 
 @pytest.mark.parametrize("text, want", [
@@ -20,6 +21,7 @@ def test_defaults_keep_the_old_teardown() -> None:
     ("identity_cache = 0", ("identity_cache", 0.0)),
     ("early_attach = no", ("early_attach", False)),
     ("defer_teardown = yes", ("defer_teardown", True)),
+    ("shell_cache = no", ("shell_cache", False)),
 ])
 def test_settings_are_read(text: str, want: tuple) -> None:
     cfg = config.parse(f"[pbs_chroot]\n{text}\n{IMAGE}")
@@ -27,7 +29,8 @@ def test_settings_are_read(text: str, want: tuple) -> None:
 
 
 @pytest.mark.parametrize("text", ["stage_grace = -1", "stage_grace = 3601", "stage_grace = x",
-                                  "identity_cache = nan", "early_attach = maybe"])
+                                  "identity_cache = nan", "early_attach = maybe",
+                                  "shell_cache = sometimes"])
 def test_bad_settings_are_refused(text: str) -> None:
     with pytest.raises(ConfigError):
         config.parse(f"[pbs_chroot]\n{text}\n{IMAGE}")

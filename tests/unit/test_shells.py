@@ -1,9 +1,12 @@
 """The job's shell looked up inside an image as the kernel would after chroot(2): links
 re-rooted, '..' stopping at the image's root, nothing outside the image ever opened."""
+import os
+import time
 from pathlib import Path
 
 import pytest
 
+from pbs_chroot import shells
 from pbs_chroot.shells import refusal, shell_problem
 from pbs_chroot.userfile import target_path
 
@@ -70,3 +73,26 @@ def test_refusal_names_the_fix() -> None:
 ])
 def test_the_file_the_user_reads(err: str, out: str, join: str, want: str) -> None:
     assert target_path(err, out, join) == want
+
+
+def test_the_shell_cache_matches_the_whole_key(tmp_path: Path) -> None:
+    version = tmp_path / "v1"
+    version.mkdir()
+    (tmp_path / "c").mkdir()
+    cache = shells.ShellCache(str(tmp_path / "c"), str(version), "/proc\0/home")
+    key = cache.key("/bin/sh", 1000, 100, [100, 7])
+    assert not cache.has(key)
+    cache.remember(key)
+    assert cache.has(key) and cache.has(cache.key("/bin/sh", 1000, 100, [7, 100, 7]))
+    for other in (cache.key("/bin/sh", 1001, 100, [100, 7]),
+                  cache.key("/bin/sh", 1000, 100, [100]),
+                  cache.key("/bin/bash", 1000, 100, [100, 7]),
+                  shells.ShellCache(str(tmp_path / "c"), str(version), "/proc").key(
+                      "/bin/sh", 1000, 100, [100, 7])):
+        assert not cache.has(other)
+    time.sleep(0.02)  # past the clock's tick (ctime is coarse)
+    os.chmod(version, 0o700)  # a new ctime: another version for the cache
+    assert not cache.has(cache.key("/bin/sh", 1000, 100, [100, 7]))
+    (entry,) = os.listdir(tmp_path / "c")
+    (tmp_path / "c" / entry).write_text('"shells-v1\\n')  # torn: a miss, never a pass
+    assert not cache.has(key)
