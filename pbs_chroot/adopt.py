@@ -69,7 +69,7 @@ _NLMSG_HDR = struct.Struct("=IHHII")        # len, type, flags, seq, pid
 _CN_MSG = struct.Struct("=IIIIHH")          # idx, val, seq, ack, len, flags
 _EVENT_HDR = struct.Struct("=IIQ")          # what, cpu, timestamp_ns
 _TICK = 1.0                                 # how often the record is checked
-_HOLD = 1.0                                 # the longest wait for a task's stop
+_HOLD = 0.5                                 # the longest wait for a task's stop
 
 
 def proc_starttime(pid: int) -> Optional[int]:
@@ -106,16 +106,16 @@ def children_of(pid: int) -> list[int]:
 
 
 def _job_of(pid: int) -> Optional[str]:
-    """The first PBS_JOBID in the process's initial environment (pbs_mom's own entry)."""
+    """The PBS_JOBID of the process's initial environment (pbs_mom sets it); None if there
+    is none, or more than one value (a user may add copies: then no job is chosen, and
+    the job starter, which reads every copy the same way, refuses to run the task)."""
     try:
         with open(f"/proc/{pid}/environ", "rb") as f:
             env = f.read()
     except OSError:
         return None
-    for entry in env.split(b"\0"):
-        if entry.startswith(b"PBS_JOBID="):
-            return entry[10:].decode("utf-8", "replace")
-    return None
+    ids = {entry[10:] for entry in env.split(b"\0") if entry.startswith(b"PBS_JOBID=")}
+    return ids.pop().decode("utf-8", "replace") if len(ids) == 1 else None
 
 
 def _uid_of(pid: int) -> Optional[int]:
@@ -146,6 +146,7 @@ class Adopter:
         self._owners: dict[str, Optional[int]] = {}
         self.adopted: set[int] = set()
         self.traced: set[int] = set()
+        self.wake: Optional[int] = None  # readable when a SIGCHLD came (run())
 
     def listen(self) -> socket.socket:
         """A proc connector socket subscribed to process events (needs CAP_NET_ADMIN)."""
@@ -244,7 +245,10 @@ class Adopter:
             elif _ppid(pid) == self.mom_pid and self._job(pid) == self.job_id:
                 try:  # unseized (its FORK event came late): hold it while it is placed
                     _sys.ptrace(_sys.PTRACE_SEIZE, pid, _sys.PTRACE_O_TRACEEXEC)
-                except OSError:  # gone, or another adopter holds it (and places it)
+                except OSError as e:  # gone, or another adopter holds it (and places it)
+                    if e.errno == errno.EPERM:  # (another job's adopter, usually)
+                        log.debug("job %s: TM task %d is traced by another process",
+                                  self.job_id, pid)
                     self._adopt_late(pid)
                     return
                 self.traced.add(pid)
@@ -271,9 +275,14 @@ class Adopter:
             except ChildProcessError:
                 self.traced.discard(pid)
                 return
-            if done or time.monotonic() > deadline:
+            left = deadline - time.monotonic()
+            if done or left <= 0:
                 break
-            time.sleep(0.0002)
+            if self.wake is None:
+                time.sleep(0.0002)
+            elif select.select([self.wake], [], [], left)[0]:  # a tracee's stop: SIGCHLD
+                while _drain(self.wake):
+                    pass
         if done and not os.WIFSTOPPED(status):  # exited or killed
             self.traced.discard(pid)
             return
@@ -339,6 +348,7 @@ class Adopter:
         os.set_blocking(wake_r, False)
         signal.signal(signal.SIGCHLD, lambda signum, frame: None)
         signal.set_wakeup_fd(wake_w)
+        self.wake = wake_r
         self.scan()
         mom = proc_starttime(self.mom_pid)
         while self.alive() and self.cgroup.exists():

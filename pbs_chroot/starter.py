@@ -31,10 +31,10 @@ __all__ = ["SOURCE", "AWAIT_PLACEMENT_MS", "nnp_path", "build", "install", "buil
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "starter", "job_starter.c")
 _CC = ("cc", "gcc")
-# The pass-through, and the no_new_privs one execute-only: a process that execs
-# a file its user cannot read is not dumpable, so the user cannot ptrace it
-# before it has set no_new_privs (job_starter.c).
-_MODES = (0o755, 0o711)
+# Both execute-only: a process that execs a file its user cannot read is not
+# dumpable, so the user cannot ptrace it before it has set no_new_privs, nor while
+# it waits for its job's cgroup (job_starter.c).
+_MODES = (0o711, 0o711)
 # How long a TM task waits for its cgroup before it is refused (job_starter.c's default,
 # which the RPM's prebuilt starters have).
 AWAIT_PLACEMENT_MS = 10000
@@ -83,7 +83,7 @@ def build(dest: str, login_shell: bool = True,
 
 def install(job_starter: str, prebuilt: Optional[str] = None, login_shell: bool = True,
             cgroups: bool = True) -> None:
-    """Put both starters at ``job_starter`` and its -nnp sibling, root:root 0755 and 0711,
+    """Put both starters at ``job_starter`` and its -nnp sibling, root:root 0711,
     atomically.
 
     prebuilt: a directory holding job_starter and job_starter-nnp already built

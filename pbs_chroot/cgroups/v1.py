@@ -68,7 +68,10 @@ class CgroupV1(JobCgroup):
             write_file(self._file("cpu", "cpu.shares"), str(1024 * max(1, limits.cpus)))
 
     def attach(self, pid: int) -> None:
-        for path in self._unique_dirs():
+        # memory last: the job starter (starter/job_starter.c) lets a task run once its
+        # memory and cpuacct lines name the job, so every other move is done by then.
+        memory = self.dirs.get("memory")
+        for path in sorted(self._unique_dirs(), key=lambda p: p == memory):
             write_file(os.path.join(path, "cgroup.procs"), str(pid))
 
     def procs(self) -> list[int]:

@@ -28,28 +28,29 @@
  * -DLOGIN_SHELL=0 for a mom that sets it false.  ($SHELL is the user's own
  * text, but it only chooses argv[0] of the user's own program.)
  *
- * The -nnp build is installed execute-only (mode 0711): a process that execs
- * a file its user cannot read is not dumpable (execve(2), fs/exec.c
+ * Both builds are installed execute-only (mode 0711): a process that execs a
+ * file its user cannot read is not dumpable (execve(2), fs/exec.c
  * would_dump()), so no process of the same user can ptrace it in the moment
  * between the exec and the prctl below and make it exec a setuid program
- * before no_new_privs is set.  The exec of the shell makes it dumpable again.
+ * before no_new_privs is set, or make it run anything while it waits for its
+ * cgroup.  The exec of the job's program makes it dumpable again.
  *
  * A TM task waits for its cgroup.  pbs_mom forks a TM task outside the job's
  * process tree, and pbs_chroot's task adopter (../adopt.py) moves it into the
  * job's cgroup on that node, racing pbs_mom from the fork to the exec.  So that
  * no instruction of the user's program runs outside the job's cgroup (where
  * what it starts would escape the epilogue's kill and the accounting), a
- * process of a job on several cores or nodes (PBS_NP or PBS_NUM_NODES above 1:
- * the jobs the prologues start an adopter for) does not exec until a line of
- * /proc/self/cgroup names a cgroup of its PBS_JOBID (pbs_chroot's PARENT/JOBID,
- * or Torque's own .../JOBID/...).  The job's shell is there already (the
- * prologue moved it); a TM task is usually there too, placed at its exec stop.
- * After AWAIT_PLACEMENT_MS without it (no adopter on the node), the task is
- * refused: exit 125 and one line on its stderr.  Built with
- * -DAWAIT_PLACEMENT_MS=0 for a node with `cgroups = no` (pbs-chroot install
- * does this), where no cgroup will come.  pbs_mom sets PBS_JOBID, PBS_NP and
- * PBS_NUM_NODES over the user's variables; a task that rewrites them only
- * skips its own wait (the adopter still places it, late, and logs it).
+ * process of a job on several cores or nodes (any copy of PBS_NP or
+ * PBS_NUM_NODES in its environment above 1, or not a count: the jobs the
+ * prologues start an adopter for) does not exec until /proc/self/cgroup puts
+ * it in a cgroup of its PBS_JOBID (in_job_cgroup below).  The job's shell is
+ * there already (the prologue moved it); a TM task is usually there too,
+ * placed at its exec stop.  After AWAIT_PLACEMENT_MS without it (no adopter on
+ * the node), or with no single PBS_JOBID, the process is refused: exit 125
+ * and one line on its stderr.  Built with -DAWAIT_PLACEMENT_MS=0 for a node
+ * with `cgroups = no` (pbs-chroot install does this), where no cgroup will
+ * come.  Both builds are installed execute-only, so no process of the user's
+ * can ptrace one while it waits (below).
  *
  * Exit codes, as a shell's: 126 not executable, 127 not found, 125 our own
  * failure (prctl, or the task never placed).
@@ -85,26 +86,79 @@ static void say(const char *a, const char *b, const char *c, const char *d)
             return;
 }
 
-/* A count from pbs_mom's environment (0 if absent or not a plain number). */
-static long count_env(const char *name)
+extern char **environ;
+
+/* What the environment says of the job: 1 if any copy of PBS_NP or
+ * PBS_NUM_NODES is not a plain count of 1 or less (a user may add copies of a
+ * variable, never remove pbs_mom's); *job: the one PBS_JOBID, NULL if there is
+ * none, "" if there are two different ones or one with a '/'. */
+static int several_cores_or_nodes(const char **job)
 {
-    const char *v = getenv(name);
-    if (v == NULL || *v == '\0' || strlen(v) > 6)
-        return 0;
-    long n = 0;
-    for (; *v; v++) {
-        if (*v < '0' || *v > '9')
-            return 0;
-        n = n * 10 + (*v - '0');
+    int many = 0;
+    *job = NULL;
+    for (char **e = environ; *e != NULL; e++) {
+        const char *v = NULL;
+        if (strncmp(*e, "PBS_NP=", 7) == 0)
+            v = *e + 7;
+        else if (strncmp(*e, "PBS_NUM_NODES=", 14) == 0)
+            v = *e + 14;
+        else if (strncmp(*e, "PBS_JOBID=", 10) == 0) {
+            const char *id = *e + 10;
+            if (strchr(id, '/') != NULL || *id == '\0' || (*job != NULL && strcmp(*job, id) != 0))
+                *job = "";
+            else if (*job == NULL)
+                *job = id;
+            continue;
+        }
+        if (v == NULL)
+            continue;
+        size_t len = strspn(v, "0123456789");
+        if (len == 0 || v[len] != '\0' || len > 6 || atol(v) > 1)
+            many = 1;
     }
-    return n;
+    return many;
 }
 
-/* 1 if a line of /proc/self/cgroup ("ID:CONTROLLERS:PATH") has a path
- * component equal to job; 0 if none does; -1 if it can't be read. */
+/* Whether the controllers field of a /proc/self/cgroup line (from c to end)
+ * names controller. */
+static int has_controller(const char *c, const char *end, const char *controller)
+{
+    size_t n = strlen(controller);
+    while (c < end) {
+        const char *comma = memchr(c, ',', (size_t)(end - c));
+        const char *stop = comma != NULL ? comma : end;
+        if ((size_t)(stop - c) == n && memcmp(c, controller, n) == 0)
+            return 1;
+        c = stop + 1;
+    }
+    return 0;
+}
+
+/* Whether path (to end) has a component equal to job. */
+static int names_job(const char *path, const char *end, const char *job)
+{
+    size_t jl = strlen(job);
+    for (const char *c = path; c < end;) {
+        const char *slash = memchr(c, '/', (size_t)(end - c));
+        const char *stop = slash != NULL ? slash : end;
+        if ((size_t)(stop - c) == jl && memcmp(c, job, jl) == 0)
+            return 1;
+        c = stop + 1;
+    }
+    return 0;
+}
+
+/* 1 if the process is in a cgroup of job, 0 if not (yet), -1 if
+ * /proc/self/cgroup can't be read.  Only the hierarchies a job's cgroup is
+ * made in count, never a named one (name=systemd, which systemd may delegate
+ * to the user): on cgroup v1 the lines of memory and cpuacct, both (pbs_chroot
+ * moves a process into memory last; Torque's own cgroups have both), and on
+ * a pure cgroup v2 the unified line ("0::"), where the kernel lets no user
+ * move a process out of pbs_mom's cgroup.  A path component equal to job
+ * counts: pbs_chroot's PARENT/JOBID, Torque's .../JOBID/... */
 static int in_job_cgroup(const char *job)
 {
-    char buf[16384];
+    static char buf[65536];
     int fd = open("/proc/self/cgroup", O_RDONLY | O_CLOEXEC);
     if (fd < 0)
         return -1;
@@ -120,35 +174,42 @@ static int in_job_cgroup(const char *job)
         len += (size_t)n;
     }
     close(fd);
+    if (len == sizeof buf - 1)
+        return 0;  /* cut short: never judged on part of a line */
     buf[len] = '\0';
-    size_t jl = strlen(job);
+    int v1_seen = 0, v1_placed = 1, unified = 0;
     for (char *line = buf; *line != '\0';) {
         char *end = strchr(line, '\n');
         if (end == NULL)
             end = line + strlen(line);
-        char *path = memchr(line, ':', (size_t)(end - line));
-        if (path != NULL)
-            path = memchr(path + 1, ':', (size_t)(end - path - 1));
-        for (char *c = path != NULL ? path + 1 : end; c < end;) {
-            char *slash = memchr(c, '/', (size_t)(end - c));
-            char *stop = slash != NULL ? slash : end;
-            if ((size_t)(stop - c) == jl && memcmp(c, job, jl) == 0)
-                return 1;
-            c = stop + 1;
+        char *ctl = memchr(line, ':', (size_t)(end - line));
+        char *path = ctl != NULL ? memchr(ctl + 1, ':', (size_t)(end - ctl - 1)) : NULL;
+        if (path != NULL) {
+            ctl++;
+            if (has_controller(ctl, path, "memory") || has_controller(ctl, path, "cpuacct")) {
+                v1_seen = 1;
+                v1_placed &= names_job(path + 1, end, job);
+            } else if (ctl == path && line[0] == '0' && ctl == line + 2) {
+                unified = names_job(path + 1, end, job);
+            }
         }
         line = *end != '\0' ? end + 1 : end;
     }
-    return 0;
+    return v1_seen ? v1_placed : unified;
 }
 
-/* Hold a task of a job on several cores or nodes until it is in its job's
+/* Hold a process of a job on several cores or nodes until it is in its job's
  * cgroup (see the top of this file); 0 when it may run, else 125. */
 static int await_placement(void)
 {
-    const char *job = getenv("PBS_JOBID");
-    if (AWAIT_PLACEMENT_MS <= 0 || job == NULL || *job == '\0' || strchr(job, '/') != NULL
-            || (count_env("PBS_NP") <= 1 && count_env("PBS_NUM_NODES") <= 1))
+    const char *job;
+    if (AWAIT_PLACEMENT_MS <= 0 || !several_cores_or_nodes(&job))
         return 0;
+    if (job == NULL || *job == '\0') {
+        say("no single PBS_JOBID in the environment of a job on several cores or nodes: "
+            "not run", NULL, NULL, NULL);
+        return 125;
+    }
     struct timespec start, now;
     clock_gettime(CLOCK_MONOTONIC, &start);
     long pause_us = 200;
@@ -157,15 +218,15 @@ static int await_placement(void)
         if (placed == 1)
             return 0;
         if (placed < 0) {
-            say("can't read /proc/self/cgroup: ", strerror(errno),
-                "; not running a task of job ", job);
+            say("job ", job, ": can't read /proc/self/cgroup: not run: ", strerror(errno));
             return 125;
         }
         clock_gettime(CLOCK_MONOTONIC, &now);
         long waited = (now.tv_sec - start.tv_sec) * 1000 + (now.tv_nsec - start.tv_nsec) / 1000000;
         if (waited >= AWAIT_PLACEMENT_MS) {
-            say("this task of job ", job, " was not put in the job's cgroup in time (the node's "
-                "task adopter is not running): not run; tell your admin", NULL);
+            say("job ", job, ": not run: this process was not put in the job's cgroup in "
+                "time (pbs_chroot's prologue or task adopter did not place it); tell your "
+                "admin", NULL);
             return 125;
         }
         struct timespec pause = { 0, pause_us * 1000 };

@@ -112,7 +112,7 @@ def test_install_builds_the_starters_and_writes_the_job_starter_line(site: Site)
         f"$pbsserver vm\n$job_starter_run_privileged false\n$job_starter {starter}\n")
     assert (mom_priv / "config.orig").read_text().startswith("$pbsserver vm\n")
     assert f"now has `$job_starter {starter}`" in res.stdout
-    for path, mode in ((starter, 0o755), (Path(f"{starter}-nnp"), 0o711)):
+    for path, mode in ((starter, 0o711), (Path(f"{starter}-nnp"), 0o711)):
         st = os.stat(path)
         assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (0, 0, mode)
     nnp = [subprocess.run([str(path), "/bin/grep", "NoNewPrivs", "/proc/self/status"],

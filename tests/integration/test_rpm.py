@@ -579,7 +579,7 @@ def test_project_spec_builds_a_working_rpm_from_the_sdist(tmp_path: Path) -> Non
     assert {os.path.basename(n) for n in names if "/bin/" in n} == {"pbs-chroot",
                                                                     "pbs-chroot-shim"}
     assert any(n.endswith("/examples/pbs_chroot.conf") and "/doc/" in n for n in names)
-    for name, perms in (("job_starter", "-rwxr-xr-x"), ("job_starter-nnp", "-rwx--x--x"),
+    for name, perms in (("job_starter", "-rwx--x--x"), ("job_starter-nnp", "-rwx--x--x"),
                         ("hook_client", "-rwx------")):  # (install copies it: hook server)
         assert entries[f"/usr/libexec/pbs_chroot/{name}"] == [".", perms, "root"]
 

@@ -5,6 +5,7 @@ side, with pbs_mom's real race, is in test_multinode.py."""
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Iterator
@@ -94,9 +95,9 @@ def test_a_task_never_placed_is_refused(quick: Path, tmp_path: Path, job_id: str
         assert proc.wait(10) == 125
         assert time.monotonic() - start >= AWAIT_MS / 1000 - 0.3
         err = proc.stderr.read() if proc.stderr else ""
-        assert err == (f"pbs-chroot job starter: this task of job {job_id} was not put in "
-                       "the job's cgroup in time (the node's task adopter is not running): "
-                       "not run; tell your admin\n")
+        assert err == (f"pbs-chroot job starter: job {job_id}: not run: this process was not "
+                       "put in the job's cgroup in time (pbs_chroot's prologue or task "
+                       "adopter did not place it); tell your admin\n")
         assert not out.exists()
     finally:
         _end(proc)
@@ -105,9 +106,8 @@ def test_a_task_never_placed_is_refused(quick: Path, tmp_path: Path, job_id: str
 
 @pytest.mark.parametrize("env", [
     {"PBS_NP": "1", "PBS_NUM_NODES": "1"},   # one core on one node: no adopter runs
-    {"PBS_NP": "2x"},                        # not a count
-    {},                                      # no PBS_JOBID: not a job of pbs_mom's
-], ids=["one-core", "garbage", "no-job"])
+    {},                                      # not a job of pbs_mom's
+], ids=["one-core", "no-job"])
 def test_a_task_the_adopter_does_not_watch_runs_at_once(
         quick: Path, tmp_path: Path, job_id: str, env: dict) -> None:
     out = tmp_path / "cgroup"
@@ -133,3 +133,90 @@ def test_a_starter_built_for_cgroups_no_never_waits(tmp_path: Path, job_id: str)
         assert proc.wait(1.0) == 0 and out.exists()
     finally:
         _end(proc)
+
+
+# Runs PROGRAM with exactly the environment entries given, duplicates kept (a user may add
+# copies of a variable to what pbs_mom sets; os.execve would merge them).
+_RAW_EXEC = """
+import ctypes, sys
+argv, env = sys.argv[1:sys.argv.index("--")], sys.argv[sys.argv.index("--") + 1:]
+def arr(items):
+    a = (ctypes.c_char_p * (len(items) + 1))(*[i.encode() for i in items])
+    a[len(items)] = None
+    return a
+ctypes.CDLL(None).execve(argv[0].encode(), arr(argv), arr(env))
+sys.exit(127)
+"""
+
+
+def _raw_task(path: Path, out: Path, env: list) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", _RAW_EXEC, str(path), "/bin/sh", "-c",
+                             TASK.format(out=out), "--", "PATH=/usr/bin:/bin", *env],
+                            stderr=subprocess.PIPE, text=True)
+
+
+def test_copies_of_the_variables_a_user_adds_do_not_skip_the_wait(
+        quick: Path, tmp_path: Path, job_id: str) -> None:
+    """Any copy of PBS_NP or PBS_NUM_NODES above 1, or not a count, holds the process; two
+    different PBS_JOBIDs (or one with a '/') are refused at once."""
+    nnp = quick / "job_starter-nnp"
+    for env in ([f"PBS_JOBID={job_id}", "PBS_NP=1", "PBS_NP=2"],
+                [f"PBS_JOBID={job_id}", "PBS_NUM_NODES=1", "PBS_NUM_NODES=2x"]):
+        out = tmp_path / "held"
+        proc = _raw_task(nnp, out, env)
+        try:
+            assert proc.wait(10) == 125 and not out.exists(), env
+        finally:
+            _end(proc)
+    for env in ([f"PBS_JOBID={job_id}", f"PBS_JOBID={job_id}x", "PBS_NP=2"],
+                ["PBS_JOBID=../1.vm", "PBS_NP=2"], ["PBS_NP=2"]):
+        out = tmp_path / "refused"
+        proc = _raw_task(nnp, out, env)
+        try:
+            assert proc.wait(1.0) == 125 and not out.exists(), env
+            assert "no single PBS_JOBID" in (proc.stderr.read() if proc.stderr else "")
+        finally:
+            _end(proc)
+
+
+def test_a_cgroup_of_the_job_in_one_hierarchy_only_is_not_enough(
+        quick: Path, tmp_path: Path, job_id: str) -> None:
+    """On cgroup v1 the memory and the cpuacct lines must both name the job (a user may own
+    a cgroup of that name in one hierarchy; pbs_chroot moves a process into memory last):
+    memory alone, or cpuacct alone, keeps the process waiting."""
+    layout = cgroups.detect()
+    if layout.version != 1 or not {"memory", "cpuacct"} <= set(layout.v1):
+        pytest.skip("cgroup v1 with memory and cpuacct only")
+    cg = _cgroup(CG_PARENT, job_id)
+    assert isinstance(cg, cgroups.v1.CgroupV1)
+    out = tmp_path / "cgroup"
+    proc = _task(quick / "job_starter-nnp", out, PBS_JOBID=job_id, PBS_NP="2")
+    try:
+        for ctrl in ("cpuacct", "memory"):
+            Path(cg.dirs[ctrl], "cgroup.procs").write_text(str(proc.pid))
+            time.sleep(0.3)
+            if ctrl == "cpuacct":
+                assert proc.poll() is None and not out.exists()  # one of the two: held
+        assert proc.wait(5) == 0
+    finally:
+        _end(proc)
+        cg.remove()
+
+
+def test_a_named_hierarchy_does_not_count(quick: Path, tmp_path: Path, job_id: str) -> None:
+    """name=systemd (which systemd may delegate to a user) holding a cgroup named after the
+    job: still held. Made below the tests' own parent in that hierarchy."""
+    top = Path("/sys/fs/cgroup/systemd")
+    if not (top / "cgroup.procs").exists():
+        pytest.skip("no name=systemd hierarchy mounted here")
+    named = top / CG_PARENT / job_id
+    named.mkdir(parents=True)
+    out = tmp_path / "cgroup"
+    proc = _task(quick / "job_starter-nnp", out, PBS_JOBID=job_id, PBS_NP="2")
+    try:
+        (named / "cgroup.procs").write_text(str(proc.pid))
+        assert proc.wait(10) == 125 and not out.exists()
+    finally:
+        _end(proc)
+        named.rmdir()
+        named.parent.rmdir()
