@@ -297,7 +297,7 @@ def test_a_task_the_adopter_is_late_for_runs_nothing_outside_the_job_cgroup(
     sleeper escapes the job's cgroup (and would outlive the job)."""
     import json
     import signal
-    import threading
+    import subprocess
     mjob = cluster.job()
     assert mjob.start(), (mjob.join_results, [s.syslog.lines() for s in cluster.sisters])
     job_id = mjob.job.job_id
@@ -311,13 +311,13 @@ def test_a_task_the_adopter_is_late_for_runs_nothing_outside_the_job_cgroup(
     def spawn_while_adopters_stop(envp: Optional[dict]) -> dict:
         for a in adopters:
             os.kill(a["pid"], signal.SIGSTOP)
-        resume = threading.Timer(1.0, lambda: [os.kill(a["pid"], signal.SIGCONT)
-                                               for a in adopters])
-        resume.start()
+        # A process, not a thread: pbsdsh forks, and a fork of a threaded process may hang.
+        resume = subprocess.Popen(["sh", "-c", "sleep 1; exec kill -CONT " +
+                                   " ".join(str(a["pid"]) for a in adopters)])
         try:
             out = mjob.pbsdsh(task, envp=envp)
         finally:
-            resume.join()
+            resume.wait()
         for node, (rc, text) in out.items():
             assert rc == 0, (node, text)
             pid = int(next(w[8:] for w in text.split() if w.startswith("runaway=")))
