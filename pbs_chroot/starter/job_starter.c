@@ -119,29 +119,15 @@ static int several_cores_or_nodes(const char **job)
     return many;
 }
 
-/* Whether the controllers field of a /proc/self/cgroup line (from c to end)
- * names controller. */
-static int has_controller(const char *c, const char *end, const char *controller)
+/* Whether the text from c to end, split at sep, has a part equal to item: a
+ * controller of a /proc/self/cgroup line (','), a component of its path ('/'). */
+static int has_part(const char *c, const char *end, char sep, const char *item)
 {
-    size_t n = strlen(controller);
+    size_t n = strlen(item);
     while (c < end) {
-        const char *comma = memchr(c, ',', (size_t)(end - c));
-        const char *stop = comma != NULL ? comma : end;
-        if ((size_t)(stop - c) == n && memcmp(c, controller, n) == 0)
-            return 1;
-        c = stop + 1;
-    }
-    return 0;
-}
-
-/* Whether path (to end) has a component equal to job. */
-static int names_job(const char *path, const char *end, const char *job)
-{
-    size_t jl = strlen(job);
-    for (const char *c = path; c < end;) {
-        const char *slash = memchr(c, '/', (size_t)(end - c));
-        const char *stop = slash != NULL ? slash : end;
-        if ((size_t)(stop - c) == jl && memcmp(c, job, jl) == 0)
+        const char *next = memchr(c, sep, (size_t)(end - c));
+        const char *stop = next != NULL ? next : end;
+        if ((size_t)(stop - c) == n && memcmp(c, item, n) == 0)
             return 1;
         c = stop + 1;
     }
@@ -186,11 +172,11 @@ static int in_job_cgroup(const char *job)
         char *path = ctl != NULL ? memchr(ctl + 1, ':', (size_t)(end - ctl - 1)) : NULL;
         if (path != NULL) {
             ctl++;
-            if (has_controller(ctl, path, "memory") || has_controller(ctl, path, "cpuacct")) {
+            if (has_part(ctl, path, ',', "memory") || has_part(ctl, path, ',', "cpuacct")) {
                 v1_seen = 1;
-                v1_placed &= names_job(path + 1, end, job);
+                v1_placed &= has_part(path + 1, end, '/', job);
             } else if (ctl == path && line[0] == '0' && ctl == line + 2) {
-                unified = names_job(path + 1, end, job);
+                unified = has_part(path + 1, end, '/', job);
             }
         }
         line = *end != '\0' ? end + 1 : end;

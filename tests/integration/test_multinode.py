@@ -2,8 +2,11 @@
 cgroups and TM tasks (issue 15). Each sister is a pbs_mom daemon in a mount namespace of
 its own, with its own PBS_HOME, state directory, cgroup parent, image copy and pbsnodes
 recorder (tests/multinode.py); the same PBS_O_ROOTDIR names each node's own image."""
+import json
 import os
 import shutil
+import signal
+import subprocess
 import sys
 from pathlib import Path
 from typing import Iterator, Optional
@@ -295,9 +298,6 @@ def test_a_task_the_adopter_is_late_for_runs_nothing_outside_the_job_cgroup(
     the job's cgroup and dies with the job. Control: the same task spawned with PBS_NP
     and PBS_NUM_NODES of 1 in its tm_spawn environment skips the starter's wait, and its
     sleeper escapes the job's cgroup (and would outlive the job)."""
-    import json
-    import signal
-    import subprocess
     mjob = cluster.job()
     assert mjob.start(), (mjob.join_results, [s.syslog.lines() for s in cluster.sisters])
     job_id = mjob.job.job_id
